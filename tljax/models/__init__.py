@@ -1,0 +1,60 @@
+"""Model registry: `create(name, num_classes)` builds a backbone + head `Classifier`.
+
+Each family file (resnet, efficientnet, vgg) holds one architecture and its presets; this module only looks names up.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+
+from tljax.models import efficientnet, resnet, vgg
+from tljax.models.head import Classifier, Head
+
+FAMILIES: dict[str, ModuleType] = {"resnet": resnet, "efficientnet": efficientnet, "vgg": vgg}
+_FAMILY_OF = {name: family for family, module in FAMILIES.items() for name in module.PRESETS}
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def names() -> list[str]:
+    """All model names `create` accepts."""
+    return sorted(_FAMILY_OF)
+
+
+def family(name: str) -> str:
+    """The family ("resnet", "efficientnet", "vgg") a model name belongs to; a clear error for unknown names."""
+    if name not in _FAMILY_OF:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+    return _FAMILY_OF[name]
+
+
+def create(
+    name: str,
+    num_classes: int,
+    *,
+    head_hidden: Sequence[int] = (),
+    head_activation: str = "relu",
+    head_dropout: float | None = None,
+    dtype: str = "float32",
+    **backbone_kwargs: Any,
+) -> Classifier:
+    """Builds `name`'s backbone with a fresh `Head` of `num_classes` outputs.
+
+    `head_dropout=None` takes the family's default for that model (e.g. 0.2 for EfficientNet-B0, 0 for ResNet).
+    `dtype` is the compute dtype ("float32" or "bfloat16"); parameters and BatchNorm statistics stay float32.
+    `backbone_kwargs` go to the backbone (e.g. `style="keras"` for the Keras Applications layout).
+    """
+    module = FAMILIES[family(name)]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if head_dropout is None:
+        head_dropout = getattr(module, "HEAD_DROPOUT", {}).get(name, 0.0)
+    backbone = module.PRESETS[name](dtype=DTYPES[dtype], **backbone_kwargs)
+    head = Head(num_classes, tuple(head_hidden), head_activation, head_dropout, dtype=DTYPES[dtype])
+    return Classifier(backbone=backbone, head=head)
+
+
+__all__ = ["Classifier", "Head", "create", "family", "names"]

@@ -1,0 +1,176 @@
+"""Source checkpoint arrays -> Flax variables, through a per-layer table, with exact bookkeeping.
+
+A mapping table lists, for one architecture and one naming convention, every layer of the source checkpoint:
+its name there, the Flax module it fills, and its kind. The kind fixes which tensors the layer holds and how each
+is laid out (PyTorch OIHW convolution -> Flax HWIO, Linear (out, in) -> Dense (in, out), Keras depthwise HWC1 ->
+HW1C, BatchNorm running statistics -> `batch_stats`). `convert` fills the model's variables from the table and
+refuses to half-load: missing tensors, tensors nothing uses, and wrong shapes are all listed in one error.
+
+Key forms: PyTorch state dicts are `module.path.tensor_name`; Keras weights are `layer_name/index`, the index being
+the variable's position in the layer (Keras's own order: kernel, bias / gamma, beta, moving_mean, moving_variance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import numpy as np
+from flax import traverse_util
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+def _oihw_to_hwio(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (2, 3, 1, 0))
+
+
+def _transpose(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w)
+
+
+def _depthwise_keras(w: np.ndarray) -> np.ndarray:
+    return np.transpose(w, (0, 1, 3, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One source layer: its name in the checkpoint, the Flax module path it fills, and its kind.
+
+    kind: "conv", "dwconv" (Keras DepthwiseConv2D), "bn", "dense", or "prep" (a Keras preprocessing layer whose
+    weights describe the input normalisation, consumed by `Preprocessing`, not by the model).
+    `transform` replaces the kind's layout change for the layer's weight/kernel (e.g. a flatten-order change).
+    """
+
+    source: str
+    target: str
+    kind: str
+    transform: Transform | None = None
+
+
+# (tensor name, collection, Flax leaf, layout change) per kind.
+_TORCH_TENSORS: dict[str, tuple[tuple[str, str, str, Transform | None], ...]] = {
+    "conv": (("weight", "params", "kernel", _oihw_to_hwio), ("bias", "params", "bias", None)),
+    "dense": (("weight", "params", "kernel", _transpose), ("bias", "params", "bias", None)),
+    "bn": (
+        ("weight", "params", "scale", None),
+        ("bias", "params", "bias", None),
+        ("running_mean", "batch_stats", "mean", None),
+        ("running_var", "batch_stats", "var", None),
+    ),
+    "prep": (),
+}
+# (collection, Flax leaf, layout change) per variable index, per kind.
+_KERAS_VARS: dict[str, tuple[tuple[str, str, Transform | None], ...]] = {
+    "conv": (("params", "kernel", None), ("params", "bias", None)),
+    "dwconv": (("params", "kernel", _depthwise_keras), ("params", "bias", None)),
+    "dense": (("params", "kernel", None), ("params", "bias", None)),
+    "bn": (
+        ("params", "scale", None),
+        ("params", "bias", None),
+        ("batch_stats", "mean", None),
+        ("batch_stats", "var", None),
+    ),
+    "prep": (),
+}
+# The Keras class (snake case) of each kind: Keras 3 `.weights.h5` files name layers by class and ordinal.
+KERAS_CLASS = {
+    "conv": "conv2d",
+    "dwconv": "depthwise_conv2d",
+    "dense": "dense",
+    "bn": "batch_normalization",
+    "prep": "normalization",
+}
+_TORCH_IGNORED = ("num_batches_tracked",)
+
+
+class WeightsMismatchError(ValueError):
+    """The checkpoint does not fit the model: lists what is missing, unexpected and wrong-shaped."""
+
+
+def _slots(layer: Layer, fmt: str) -> Iterable[tuple[str, str, str, Transform | None]]:
+    """(source key, collection, leaf, transform) for each tensor a layer of this kind can hold."""
+    if fmt == "torch":
+        for name, collection, leaf, fn in _TORCH_TENSORS[layer.kind]:
+            yield f"{layer.source}.{name}", collection, leaf, fn
+    else:
+        for i, (collection, leaf, fn) in enumerate(_KERAS_VARS[layer.kind]):
+            yield f"{layer.source}/{i}", collection, leaf, fn
+
+
+def keras3_names(layers: Iterable[Layer]) -> dict[str, str]:
+    """Keras 3 layer names (`conv2d_5`) -> Keras layer names (`conv2_block1_1_conv`), by class ordinal.
+
+    Keras 3 saves a functional model's layers under their class name numbered in `model.layers` order, so the
+    table's order (which follows the Keras model) recovers the real names.
+    """
+    counts: dict[str, int] = {}
+    names = {}
+    for layer in layers:
+        cls = KERAS_CLASS[layer.kind]
+        n = counts.get(cls, 0)
+        counts[cls] = n + 1
+        names[cls if n == 0 else f"{cls}_{n}"] = layer.source
+    return names
+
+
+def _listing(title: str, items: list[str], limit: int = 25) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def convert(
+    arrays: dict[str, np.ndarray],
+    layers: Iterable[Layer],
+    abstract: dict,
+    fmt: str,
+    drop_head: bool,
+    what: str = "weights",
+) -> dict:
+    """Fills `abstract` (a variables tree of ShapeDtypeStructs) from `arrays` via the table `layers`.
+
+    fmt: "torch" or "keras" (key forms above). With `drop_head`, the checkpoint's classifier (table targets under
+    `head/`) is read past and the returned tree has no head: the caller initialises a new one.
+    Raises WeightsMismatchError listing every missing, unexpected and wrong-shaped tensor.
+    """
+    expected = traverse_util.flatten_dict(abstract, sep="/")
+    filled: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    accounted: set[str] = set()  # model variables some table entry is responsible for
+    missing, wrong = [], []
+    for layer in layers:
+        in_head = layer.target.startswith("head/")
+        for key, collection, leaf, fn in _slots(layer, fmt):
+            target = f"{collection}/{layer.target}/{leaf}"
+            if target not in expected or (in_head and drop_head):
+                if in_head and drop_head:
+                    used.add(key)
+                continue  # a tensor the model has no place for stays unused and is reported below
+            accounted.add(target)
+            if key not in arrays:
+                missing.append(f"{key} (-> {target})")
+                continue
+            used.add(key)
+            value = (layer.transform or fn or np.asarray)(arrays[key])
+            if value.shape != expected[target].shape:
+                wrong.append(f"{key}: {arrays[key].shape} in the file, {target} is {expected[target].shape}")
+                continue
+            filled[target] = np.asarray(value, dtype=expected[target].dtype)
+        if layer.kind == "prep":
+            used.update(k for k in arrays if k.startswith(f"{layer.source}/"))
+
+    unexpected = sorted(k for k in arrays if k not in used and not k.endswith(_TORCH_IGNORED))
+    uncovered = sorted(t for t in expected if t not in accounted and not (drop_head and t.split("/")[1] == "head"))
+    if missing or unexpected or wrong or uncovered:
+        parts = [f"{what} do not fit the model:"]
+        if missing:
+            parts.append(_listing("missing from the file", missing))
+        if unexpected:
+            parts.append(_listing("in the file but unused by the model", unexpected))
+        if wrong:
+            parts.append(_listing("wrong shape", wrong))
+        if uncovered:
+            parts.append(_listing("model variables no table entry fills", uncovered))
+        raise WeightsMismatchError("\n".join(parts))
+    return traverse_util.unflatten_dict(filled, sep="/")

@@ -1,0 +1,68 @@
+"""Naming conventions of pretrained weights, one table per (model family, convention).
+
+A `Convention` says how to recognise a checkpoint (a key only its files hold), how to build the backbone for it
+(e.g. the Keras ResNet layout), which source layer fills which Flax module, and what input the weights expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Iterator, Mapping
+
+import flax.linen as nn
+import numpy as np
+
+from tljax.pretrained.convert import Layer
+from tljax.pretrained.prep import Preprocessing
+
+
+@dataclasses.dataclass(frozen=True)
+class Convention:
+    """One way a family's weights are named and laid out.
+
+    format: "torch" (`module.tensor` keys) or "keras" (`layer/index` keys).
+    signature: a regular expression that some key of every such file matches and no other convention's files do.
+    layers: the table for a given backbone, in the source model's layer order.
+    backbone_kwargs: how to build the backbone these weights belong to (e.g. `{"style": "keras"}`).
+    prep: the input the weights expect, given the file's arrays (Keras EfficientNet stores it in the file).
+    """
+
+    name: str
+    format: str
+    signature: str
+    layers: Callable[[nn.Module], Iterator[Layer]]
+    backbone_kwargs: Mapping
+    prep: Callable[[dict[str, np.ndarray]], Preprocessing]
+
+    def matches(self, keys: list[str]) -> bool:
+        pattern = re.compile(self.signature)
+        return any(pattern.search(k) for k in keys)
+
+
+def _family_conventions(family: str) -> tuple[Convention, ...]:
+    from tljax.pretrained.mappings import efficientnet, resnet, vgg
+
+    return {"resnet": resnet, "efficientnet": efficientnet, "vgg": vgg}[family].CONVENTIONS
+
+
+def conventions(family: str) -> dict[str, Convention]:
+    """A family's conventions by name."""
+    return {c.name: c for c in _family_conventions(family)}
+
+
+def detect(family: str, keys: list[str], fmt: str, name: str | None = None) -> Convention:
+    """The convention of a checkpoint: `name` when given, else the one whose signature the keys match."""
+    known = conventions(family)
+    if name is not None:
+        if name not in known:
+            raise ValueError(f"unknown {family} weight convention {name!r}; known: {', '.join(known)}")
+        return known[name]
+    found = [c for c in known.values() if c.format == fmt and c.matches(keys)]
+    if not found:
+        sample = ", ".join(sorted(keys)[:8])
+        raise ValueError(
+            f"these weights match no known {family} naming convention ({', '.join(known)}); "
+            f"the file holds {len(keys)} tensors, e.g. {sample}. Is it a checkpoint of another architecture?"
+        )
+    return found[0]
