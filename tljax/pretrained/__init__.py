@@ -79,7 +79,7 @@ def load(
     keep_head = num_classes is None
     classes = _num_classes_in_file(arrays, layers, table_format) if keep_head else num_classes
     model = models.create(name, classes, **kwargs)
-    prep = known.prep if known is not None and known.prep is not None else conv.prep(arrays)
+    prep = known.prep if known is not None and known.prep is not None else conv.prep(arrays, model.backbone)
 
     rng = jax.random.key(seed)
     image = jax.ShapeDtypeStruct((1, prep.image_size, prep.image_size, 3), jnp.float32)

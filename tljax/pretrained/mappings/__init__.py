@@ -22,20 +22,24 @@ class Convention:
     """One way a family's weights are named and laid out.
 
     format: "torch" (`module.tensor` keys) or "keras" (`layer/index` keys).
-    signature: a regular expression that some key of every such file matches and no other convention's files do.
+    signature: a regular expression that some key of every such file matches and no other convention's files do;
+        None for a convention whose files cannot be told apart by their keys (chosen by name only).
     layers: the table for a given backbone, in the source model's layer order.
     backbone_kwargs: how to build the backbone these weights belong to (e.g. `{"style": "keras"}`).
-    prep: the input the weights expect, given the file's arrays (Keras EfficientNet stores it in the file).
+    prep: the input the weights expect, given the file's arrays and the backbone (its native resolution, and for
+        Keras EfficientNet the normalisation stored in the file).
     """
 
     name: str
     format: str
-    signature: str
+    signature: str | None
     layers: Callable[[nn.Module], Iterator[Layer]]
     backbone_kwargs: Mapping
-    prep: Callable[[dict[str, np.ndarray]], Preprocessing]
+    prep: Callable[[dict[str, np.ndarray], nn.Module], Preprocessing]
 
     def matches(self, keys: list[str]) -> bool:
+        if self.signature is None:
+            return False
         pattern = re.compile(self.signature)
         return any(pattern.search(k) for k in keys)
 

@@ -54,6 +54,7 @@ def keras(backbone: ResNet) -> Iterator[Layer]:
 
 CONVENTIONS = (
     Convention("torchvision", "torch", r"^layer1\.0\.conv1\.weight$", torchvision, {"style": "torch"},
-               lambda arrays: TORCHVISION),
-    Convention("keras", "keras", r"^conv1_conv/0$", keras, {"style": "keras"}, lambda arrays: KERAS_CAFFE),
+               lambda arrays, backbone: TORCHVISION),
+    Convention("keras", "keras", r"^conv1_conv/0$", keras, {"style": "keras"},
+               lambda arrays, backbone: KERAS_CAFFE),
 )
