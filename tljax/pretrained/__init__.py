@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -22,6 +23,7 @@ from tljax.models import Classifier
 from tljax.pretrained import hub, mappings, readers
 from tljax.pretrained.convert import Layer, WeightsMismatchError, convert, keras3_names
 from tljax.pretrained.prep import Preprocessing
+from tljax.pretrained.hub import WeightsUnavailableError
 from tljax.pretrained.readers import WeightsFileError
 
 
@@ -34,6 +36,68 @@ def _num_classes_in_file(arrays: dict[str, np.ndarray], layers: list[Layer], fmt
             "pass num_classes=N to put a new head on the backbone"
         )
     return int(arrays[key].shape[0] if fmt == "torch" else arrays[key].shape[-1])
+
+
+@dataclasses.dataclass
+class Weights:
+    """A weights file read and matched to a model family: what it holds and the input it expects.
+
+    `read` does the I/O and naming-convention detection once; `build` makes a model from it, either keeping the
+    file's classifier or with a new head (the training loop needs `prep` before it knows the number of classes).
+    """
+
+    name: str
+    path: str
+    arrays: dict[str, np.ndarray]
+    format: str  # "torch" or "keras": the key form of `arrays`
+    convention: mappings.Convention
+    create_kwargs: dict[str, Any]
+    prep: Preprocessing
+
+    def build(self, num_classes: int | None = None, seed: int = 0) -> tuple[Classifier, dict]:
+        """(model, variables): the file's classifier when num_classes is None, else a new head seeded by `seed`."""
+        probe = models.create(self.name, 1, **self.create_kwargs)
+        layers = list(self.convention.layers(probe.backbone))
+        keep_head = num_classes is None
+        classes = _num_classes_in_file(self.arrays, layers, self.format) if keep_head else num_classes
+        model = models.create(self.name, classes, **self.create_kwargs)
+
+        rng = jax.random.key(seed)
+        image = jax.ShapeDtypeStruct((1, self.prep.image_size, self.prep.image_size, 3), jnp.float32)
+        abstract = jax.eval_shape(functools.partial(model.init, train=False), {"params": rng, "dropout": rng}, image)
+        variables = convert(self.arrays, layers, abstract, self.format, not keep_head, f"weights in {self.path}")
+        if not keep_head:
+            features = jax.eval_shape(functools.partial(model.apply, method="features"), abstract, image)
+            head = model.head.init(rng, jnp.zeros(features.shape, features.dtype))
+            variables["params"]["head"] = head["params"]
+        return model, jax.tree.map(jnp.asarray, variables)
+
+
+def _keras3_to_keras(arrays: dict[str, np.ndarray], family: str, name: str, create_kwargs: dict, path) -> dict:
+    """Keras 3 names layers by class ordinal; the family's Keras table (in Keras's layer order) recovers names."""
+    keras = [c for c in mappings.conventions(family).values() if c.format == "keras"][0]
+    probe = models.create(name, 1, **{**create_kwargs, **keras.backbone_kwargs})
+    renamed = keras3_names(keras.layers(probe.backbone))
+    unknown = sorted(k for k in arrays if k.split("/")[0] not in renamed)
+    if unknown:
+        raise WeightsMismatchError(f"{path}: Keras 3 layers with no counterpart in Keras's {name}: {', '.join(unknown[:20])}")
+    return {f"{renamed[k.split('/')[0]]}/{k.split('/')[1]}": v for k, v in arrays.items()}
+
+
+def read(name: str, source: str | os.PathLike, *, convention: str | None = None, **create_kwargs: Any) -> Weights:
+    """Reads `source` (a file or a known weight name) for model `name` and detects its naming convention."""
+    family = models.family(name)
+    path, known = hub.resolve(source, name)
+    arrays, fmt = readers.read(path)
+    if fmt == "keras3":
+        arrays, fmt = _keras3_to_keras(arrays, family, name, create_kwargs, path), "keras"
+    conv = mappings.detect(family, list(arrays), fmt, convention or (known.convention if known else None))
+    kwargs = {**create_kwargs, **conv.backbone_kwargs}
+    if known is not None and known.prep is not None:
+        prep = known.prep
+    else:
+        prep = conv.prep(arrays, models.create(name, 1, **kwargs).backbone)
+    return Weights(name, str(path), arrays, fmt, conv, kwargs, prep)
 
 
 def load(
@@ -54,42 +118,11 @@ def load(
     create_kwargs: passed to `models.create` (head_hidden, head_activation, head_dropout, dtype).
     Returns (model, variables, prep): variables = {"params", "batch_stats"}; prep = the input the weights expect.
     """
-    family = models.family(name)
-    path, known = hub.resolve(source, name)
-    arrays, fmt = readers.read(path)
-    table_format = "keras" if fmt == "keras3" else fmt
-    if known is not None:
-        convention = convention or known.convention
-    if fmt == "keras3":
-        # Keras 3 names layers by class ordinal; any convention's table recovers the names (same model order).
-        keras = [c for c in mappings.conventions(family).values() if c.format == "keras"]
-        probe = models.create(name, 1, **{**create_kwargs, **keras[0].backbone_kwargs})
-        renamed = keras3_names(keras[0].layers(probe.backbone))
-        unknown = sorted(k for k in arrays if k.split("/")[0] not in renamed)
-        if unknown:
-            raise WeightsMismatchError(
-                f"{path}: Keras 3 layers with no counterpart in Keras's {name}: {', '.join(unknown[:20])}"
-            )
-        arrays = {f"{renamed[k.split('/')[0]]}/{k.split('/')[1]}": v for k, v in arrays.items()}
-    conv = mappings.detect(family, list(arrays), table_format, convention)
-
-    kwargs = {**create_kwargs, **conv.backbone_kwargs}
-    probe = models.create(name, 1, **kwargs)
-    layers = list(conv.layers(probe.backbone))
-    keep_head = num_classes is None
-    classes = _num_classes_in_file(arrays, layers, table_format) if keep_head else num_classes
-    model = models.create(name, classes, **kwargs)
-    prep = known.prep if known is not None and known.prep is not None else conv.prep(arrays, model.backbone)
-
-    rng = jax.random.key(seed)
-    image = jax.ShapeDtypeStruct((1, prep.image_size, prep.image_size, 3), jnp.float32)
-    abstract = jax.eval_shape(functools.partial(model.init, train=False), {"params": rng, "dropout": rng}, image)
-    variables = convert(arrays, layers, abstract, table_format, drop_head=not keep_head, what=f"weights in {path}")
-    if not keep_head:
-        features = jax.eval_shape(functools.partial(model.apply, method="features"), abstract, image)
-        head = model.head.init(rng, jnp.zeros(features.shape, features.dtype))
-        variables["params"]["head"] = head["params"]
-    return model, jax.tree.map(jnp.asarray, variables), prep
+    weights = read(name, source, convention=convention, **create_kwargs)
+    model, variables = weights.build(num_classes, seed)
+    return model, variables, weights.prep
 
 
-__all__ = ["Preprocessing", "WeightsFileError", "WeightsMismatchError", "load"]
+__all__ = [
+    "Preprocessing", "Weights", "WeightsFileError", "WeightsMismatchError", "WeightsUnavailableError", "load", "read",
+]

@@ -64,7 +64,9 @@ def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
             return torchfile.load(path), "torch"
         if name.endswith(KERAS_SUFFIXES):
             return _read_keras(path)
-    except (OSError, EOFError, KeyError, safetensors.SafetensorError, torchfile.TorchFileError) as e:
+    except torchfile.TorchFileError as e:
+        raise WeightsFileError(f"cannot read weights file {path}: {e}") from e
+    except (OSError, EOFError, KeyError, safetensors.SafetensorError) as e:
         raise WeightsFileError(f"cannot read weights file {path} (truncated or corrupt?): {e}") from e
     raise WeightsFileError(
         f"{path}: unknown weights format; expected .safetensors, {'/'.join(TORCH_SUFFIXES)} (PyTorch state dict) "
