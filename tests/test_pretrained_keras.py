@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from tests import keras_reference as kr
+from tests.parity import assert_logits_close
 from tljax import pretrained
 
 
@@ -22,7 +23,7 @@ def test_resnet50_matches_keras(tmp_path, images, layout):
 
     model, variables, prep = pretrained.load("resnet50", path)
     assert prep.bgr and prep.scale == 1.0
-    kr.assert_logits_close(model.apply(variables, prep.normalize(images), train=False), expected)
+    assert_logits_close(model.apply(variables, prep.normalize(images), train=False), expected)
 
 
 def test_resnet_keras_table_follows_keras_layer_order():

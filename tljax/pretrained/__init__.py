@@ -56,11 +56,12 @@ class Weights:
 
     def build(self, num_classes: int | None = None, seed: int = 0) -> tuple[Classifier, dict]:
         """(model, variables): the file's classifier when num_classes is None, else a new head seeded by `seed`."""
-        probe = models.create(self.name, 1, **self.create_kwargs)
-        layers = list(self.convention.layers(probe.backbone))
         keep_head = num_classes is None
+        kwargs = {**self.create_kwargs, **(self.convention.classifier_kwargs if keep_head else {})}
+        probe = models.create(self.name, 1, **kwargs)
+        layers = list(self.convention.layers(probe.backbone))
         classes = _num_classes_in_file(self.arrays, layers, self.format) if keep_head else num_classes
-        model = models.create(self.name, classes, **self.create_kwargs)
+        model = models.create(self.name, classes, **kwargs)
 
         rng = jax.random.key(seed)
         image = jax.ShapeDtypeStruct((1, self.prep.image_size, self.prep.image_size, 3), jnp.float32)

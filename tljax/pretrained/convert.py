@@ -152,7 +152,9 @@ def convert(
                 missing.append(f"{key} (-> {target})")
                 continue
             used.add(key)
-            value = (layer.transform or fn or np.asarray)(arrays[key])
+            if layer.transform is not None and leaf == "kernel":
+                fn = layer.transform
+            value = (fn or np.asarray)(arrays[key])
             if value.shape != expected[target].shape:
                 wrong.append(f"{key}: {arrays[key].shape} in the file, {target} is {expected[target].shape}")
                 continue

@@ -28,6 +28,8 @@ class Convention:
     backbone_kwargs: how to build the backbone these weights belong to (e.g. `{"style": "keras"}`).
     prep: the input the weights expect, given the file's arrays and the backbone (its native resolution, and for
         Keras EfficientNet the normalisation stored in the file).
+    classifier_kwargs: backbone kwargs added when the checkpoint's classifier is kept (`num_classes=None`), e.g.
+        VGG's `{"fc": True}`: the classifier's hidden layers then sit in the backbone, before the kept head.
     """
 
     name: str
@@ -36,6 +38,7 @@ class Convention:
     layers: Callable[[nn.Module], Iterator[Layer]]
     backbone_kwargs: Mapping
     prep: Callable[[dict[str, np.ndarray], nn.Module], Preprocessing]
+    classifier_kwargs: Mapping = dataclasses.field(default_factory=dict)
 
     def matches(self, keys: list[str]) -> bool:
         if self.signature is None:
