@@ -1,0 +1,353 @@
+"""The tf.data input pipeline: order, shard, decode, transform, normalise and batch, deterministically.
+
+Order. Epoch e of the train split is a permutation of its examples drawn from (seed, e); global batch k holds
+positions [k*B, (k+1)*B) of it (the remainder is dropped). Process p of P takes its own contiguous slice
+[p*L, (p+1)*L) of every global batch (L = B / P) and decodes only those examples, so one process with batch B and
+P processes with B / P each see the same global batches. `train(epoch, start_step)` starts at batch start_step
+without decoding anything before it: (epoch, step) is the whole iterator state a checkpoint needs.
+
+Randomness. Augmentations are stateless, seeded from (seed, epoch, example index): a resumed run and any process
+layout reproduce them exactly.
+
+Evaluation. Every example exactly once, in split order; the last global batch is padded (with copies of example 0)
+and the "mask" is 0 for padding.
+
+Threads. TF is kept off GPUs. tf.data decodes elements in parallel (AUTOTUNE) on its own thread pool,
+`config.data.threads` threads (0: one per core); each op runs single-threaded (`max_intra_op_parallelism = 1`)
+so a large resize cannot take every core from the JAX step running beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Iterator
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tljax.data import normalize, sources, transforms
+from tljax.data.sources import Records, SourceError
+
+SPLITS = ("train", "val", "test")
+
+
+class ConfigError(ValueError):
+    """A data config that cannot work, reported before any data is read."""
+
+
+class CorruptImageError(SourceError):
+    """An image file (or encoded image) that cannot be decoded."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every `config.data` field with its default."""
+    c = ml_collections.ConfigDict()
+    c.source = "animal_mnist"  # a tfds name ("tf_flowers"), "animal_mnist", or "folder:/path/to/root"
+    c.data_dir = ""  # tfds data_dir; "" = tfds's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+    c.download = False  # let tfds download a data set that is not prepared in data_dir (needs internet)
+    c.train_split = ""  # split strings; "" = auto: the data set's own splits, or carved (sources.auto_splits)
+    c.val_split = ""
+    c.test_split = ""
+    c.val_percent = 10  # % of train carved off as validation when the data set has no validation split
+    c.test_percent = 10  # % of train carved off as test when the data set has neither validation nor test
+    c.image_size = 224  # the model's input resolution
+    c.batch_size = 32  # global train batch: all devices of all processes
+    c.eval_batch_size = 0  # global eval batch; 0 = batch_size
+    c.augment = True  # train: random-resized crop and flip as set below; False: the eval transform
+    c.random_crop = True  # augment with an Inception-style random-resized crop (else the eval centre crop)
+    c.crop_scale = (0.08, 1.0)  # random crop: range of the fraction of the image area kept
+    c.crop_ratio = (3 / 4, 4 / 3)  # random crop: range of aspect ratios
+    c.flip = True  # augment with random horizontal flips
+    c.crop_fraction = 0.0  # eval: resize shorter side to image_size / crop_fraction, centre-crop; 0 = the prep's
+    c.normalization = "pretrained"  # see tljax.data.normalize: pretrained | minmax_train | standardize_train |
+    #                                 minmax_sample | standardize_sample | none
+    c.stats_scope = "channel"  # *_train statistics per channel, or "global" over all channels
+    c.skip_corrupt = False  # False: an undecodable image is an error naming it; True: skip such images (logged)
+    c.threads = 0  # tf.data thread pool size; 0 = TF's default (one per core)
+    return c
+
+
+def _validate(cfg: ml_collections.ConfigDict, prep: Any, seed: int, num_devices: int, process_index: int,
+              process_count: int) -> None:
+    """Raises ConfigError for the first thing in `cfg` (or the process layout) that cannot work."""
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    unknown = sorted(set(cfg.keys()) - set(default_config().keys()))
+    require(not unknown, f"unknown config.data field(s) {unknown}; known: {sorted(default_config().keys())}")
+    require(cfg.normalization in normalize.STRATEGIES,
+            f"unknown normalization {cfg.normalization!r}; choose one of {', '.join(normalize.STRATEGIES)}")
+    require(cfg.normalization != "pretrained" or prep is not None,
+            "normalization 'pretrained' needs the weights' Preprocessing; with random weights choose another one")
+    require(cfg.stats_scope in normalize.SCOPES, f"stats_scope {cfg.stats_scope!r} is not one of {normalize.SCOPES}")
+    require(isinstance(cfg.source, str) and bool(cfg.source), "config.data.source is empty")
+    require(cfg.image_size > 0, f"image_size must be positive, got {cfg.image_size}")
+    require(0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1, f"crop_scale {cfg.crop_scale}: need 0 < lo <= hi <= 1")
+    require(0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1], f"crop_ratio {cfg.crop_ratio}: need 0 < lo <= hi")
+    require(0 <= cfg.crop_fraction <= 1, f"crop_fraction {cfg.crop_fraction}: need 0 (the prep's) or (0, 1]")
+    require(0 < cfg.val_percent and 0 < cfg.test_percent and cfg.val_percent + cfg.test_percent < 100,
+            f"val_percent {cfg.val_percent} and test_percent {cfg.test_percent}: each > 0, together < 100")
+    require(isinstance(seed, (int, np.integer)) and seed >= 0, f"seed must be a non-negative int, got {seed!r}")
+    require(num_devices >= 1 and process_count >= 1, f"{num_devices} devices, {process_count} processes")
+    require(0 <= process_index < process_count, f"process_index {process_index} not in [0, {process_count})")
+    for name in ("batch_size", "eval_batch_size"):
+        value = cfg[name] or cfg.batch_size
+        require(value > 0, f"{name} must be positive, got {value}")
+        require(value % num_devices == 0, f"{name} {value} (global) is not divisible by the {num_devices} devices")
+        require(value % process_count == 0,
+                f"{name} {value} (global) is not divisible by the {process_count} processes")
+
+
+def _keep_tf_off_accelerators() -> None:
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF's devices are already initialised; nothing to change any more
+        pass
+
+
+def _readable(records: Records) -> np.ndarray:
+    """A bool per record: does it decode? One parallel pass, decode only."""
+    table = tf.constant(records.data)
+    read = tf.io.read_file if records.kind == "file" else tf.identity
+    ds = tf.data.Dataset.range(len(records)).map(
+        lambda i: (i, tf.shape(transforms.decode(read(table[i])))[0]), num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=False).ignore_errors()
+    ok = np.zeros(len(records), bool)
+    for i, _ in ds.as_numpy_iterator():
+        ok[i] = True
+    return ok
+
+
+def _without_undecodable(source: sources.Source) -> tuple[sources.Source, dict[str, int]]:
+    """`source` without the images that do not decode, and how many each split lost (logged)."""
+    splits, skipped = {}, {}
+    for split, records in source.splits.items():
+        ok = np.ones(len(records), bool) if records.kind == "pixels" else _readable(records)
+        skipped[split] = int((~ok).sum())
+        if skipped[split]:
+            logging.warning("skip_corrupt: skipping %d undecodable image(s) of %d in %s, e.g. %s", skipped[split],
+                            len(records), split, ", ".join(records.names[~ok][:3]))
+        splits[split] = records.take(np.flatnonzero(ok))
+    return dataclasses.replace(source, splits=splits), skipped
+
+
+def _decodes(records: Records, i: int) -> bool:
+    raw = tf.io.read_file(records.data[i]) if records.kind == "file" else tf.constant(records.data[i])
+    try:
+        transforms.decode(raw)
+    except tf.errors.InvalidArgumentError:
+        return False
+    return True
+
+
+class InputPipeline:
+    """A data set's splits as batch iterators for one process; see the module docstring for order and sharding.
+
+    Attributes: class_names, num_classes, sizes ({split: examples}), specs ({split: split string}),
+    steps_per_epoch (global train batches per epoch), stats (the training statistics in use, or None),
+    skipped ({split: undecodable images skipped}), records ({split: Records}: example i's label and name, e.g.
+    its file, for reports).
+    """
+
+    def __init__(self, cfg: ml_collections.ConfigDict, prep: Any, source: sources.Source, *, seed: int,
+                 process_index: int, process_count: int, skipped: dict[str, int]):
+        self.source = source.name
+        self.class_names = source.class_names
+        self.num_classes = len(source.class_names)
+        self.sizes = {split: len(records) for split, records in source.splits.items()}
+        self.specs = dict(source.specs)
+        self.skipped = skipped
+        self.batch_size = cfg.batch_size
+        self.eval_batch_size = cfg.eval_batch_size or cfg.batch_size
+        self.steps_per_epoch = self.sizes["train"] // self.batch_size
+        self.image_size = cfg.image_size
+        self.crop_fraction = cfg.crop_fraction or (prep.crop_fraction if prep else 0.875)
+        self.interpolation = prep.interpolation if prep else "bilinear"
+        self.stats: normalize.Stats | None = None
+        self._cfg, self._seed = cfg, seed
+        self._process, self._processes = process_index, process_count
+        self.records = source.splits
+        self._tables = {split: (tf.constant(r.data), tf.constant(r.labels)) for split, r in source.splits.items()}
+        self._normalize = lambda x: x
+        self._options = tf.data.Options()
+        self._options.deterministic = True
+        self._options.threading.max_intra_op_parallelism = 1
+        if cfg.threads:
+            self._options.threading.private_threadpool_size = cfg.threads
+
+    def use_normalization(self, strategy: str, prep: Any, stats: normalize.Stats | None) -> None:
+        """Sets the normalization every later batch gets (stats: scoped training statistics or None)."""
+        self.stats = stats
+        self._normalize = normalize.normalizer(strategy, prep, stats)
+
+    def train_order(self, epoch: int) -> np.ndarray:
+        """[steps_per_epoch, batch_size] train example indices of every global batch of `epoch`."""
+        perm = np.random.default_rng([self._seed, epoch]).permutation(self.sizes["train"])
+        return perm[: self.steps_per_epoch * self.batch_size].reshape(self.steps_per_epoch, self.batch_size)
+
+    def train(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This process's part of global batches start_step.. of `epoch`: {"image" [L,H,W,3] f32, "label" [L] i32}."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
+        local = self._local(self.train_order(epoch)[start_step:])
+        return self._iterate("train", local, None, epoch=epoch, normalized=True)
+
+    def eval_steps(self, split: str) -> int:
+        """Global eval batches of `split` (the last one padded)."""
+        return math.ceil(self._split_size(split) / self.eval_batch_size)
+
+    def eval(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """This process's part of every padded eval batch: {"image", "label", "mask" [L] f32 (0 = padding)}."""
+        indices, mask = self._padded(self._split_size(split), self.eval_batch_size)
+        return self._iterate(split, self._local(indices), self._local(mask), epoch=None, normalized=True)
+
+    def raw_train_images(self, batch_size: int = 64) -> Iterator[np.ndarray]:
+        """Every train image once, eval transform, not normalised (the statistics pass; not sharded)."""
+        indices, mask = self._padded(self.sizes["train"], batch_size)
+        for batch in self._iterate("train", indices, mask, epoch=None, normalized=False):
+            yield batch["image"][batch["mask"] > 0]
+
+    def _split_size(self, split: str) -> int:
+        if split not in self.sizes:
+            raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+        return self.sizes[split]
+
+    def _local(self, global_batches: np.ndarray) -> np.ndarray:
+        """This process's contiguous columns of [steps, global batch]."""
+        width = global_batches.shape[1] // self._processes
+        return global_batches[:, self._process * width : (self._process + 1) * width]
+
+    @staticmethod
+    def _padded(n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        steps = math.ceil(n / batch)
+        indices = np.zeros(steps * batch, np.int64)
+        indices[:n] = np.arange(n)
+        return indices.reshape(steps, batch), (np.arange(steps * batch) < n).astype(np.float32).reshape(steps, batch)
+
+    def _image(self, split: str, index: tf.Tensor, epoch: int | None) -> tf.Tensor:
+        """Read, decode and transform one example: float32 [S, S, 3] in 0..255."""
+        cfg, kind = self._cfg, self.records[split].kind
+        raw = self._tables[split][0][index]
+        image = transforms.to_rgb(raw) if kind == "pixels" else transforms.decode(
+            tf.io.read_file(raw) if kind == "file" else raw)
+        size, method = self.image_size, self.interpolation
+        if epoch is None or not cfg.augment:
+            return transforms.center_crop(image, size, self.crop_fraction, method)
+        crop_seed, flip_seed = transforms.example_seeds(self._seed, epoch, index)
+        if cfg.random_crop:
+            image = transforms.random_resized_crop(image, size, crop_seed, tuple(cfg.crop_scale),
+                                                   tuple(cfg.crop_ratio), method)
+        else:
+            image = transforms.center_crop(image, size, self.crop_fraction, method)
+        return transforms.random_flip(image, flip_seed) if cfg.flip else image
+
+    def _example(self, split: str, epoch: int | None, normalized: bool, item: dict) -> dict[str, tf.Tensor]:
+        image = self._image(split, item["index"], epoch)
+        out = {"image": self._normalize(image) if normalized else image,
+               "label": self._tables[split][1][item["index"]]}
+        if "mask" in item:
+            out["mask"] = item["mask"]
+        return out
+
+    def _iterate(self, split: str, local: np.ndarray, mask: np.ndarray | None, *, epoch: int | None,
+                 normalized: bool) -> Iterator[dict[str, np.ndarray]]:
+        """Batches of `local` ([steps, L] indices), decoded in parallel; names the file if a decode fails."""
+        items = {"index": local.reshape(-1)}
+        if mask is not None:
+            items["mask"] = mask.reshape(-1)
+        ds = tf.data.Dataset.from_tensor_slices(items).map(
+            functools.partial(self._example, split, epoch, normalized), num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True)
+        ds = ds.batch(local.shape[1], drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(self._options)
+        batches = ds.as_numpy_iterator()
+        for step in range(local.shape[0]):
+            try:
+                batch = next(batches)
+            except tf.errors.InvalidArgumentError as e:
+                corrupt = self._corrupt(split, local[step], e)
+                if corrupt is None:
+                    raise
+                raise corrupt from e
+            yield batch
+
+    def _corrupt(self, split: str, indices: np.ndarray, error: Exception) -> CorruptImageError | None:
+        """The error naming the undecodable images among `indices` (tf's own message names no file), if any."""
+        records = self.records[split]
+        bad = [records.names[i] for i in np.unique(indices) if not _decodes(records, int(i))]
+        if not bad:
+            return None
+        return CorruptImageError(
+            f"cannot decode image {bad[0]}" + (f" (and {len(bad) - 1} more: {', '.join(bad[1:4])})" if bad[1:] else "")
+            + f": truncated, corrupt, or not an image ({str(error).splitlines()[0][-120:]}). Remove or replace it, "
+            "or set config.data.skip_corrupt=True to skip undecodable images.")
+
+
+def _statistics(pipe: InputPipeline, cfg: ml_collections.ConfigDict, prep: Any, workdir: str | None,
+                process_index: int) -> normalize.Stats | None:
+    """The training statistics the strategy needs: loaded from workdir if saved there, else computed (and saved).
+
+    Every process computes the same statistics itself from the whole train split (no communication); only
+    process 0 writes the file. The file also records the settings they depend on (and the prep, for
+    "pretrained"), so a workdir cannot silently mix inputs normalised two ways.
+    """
+    settings: dict[str, Any] = {"normalization": cfg.normalization}
+    if cfg.normalization == "pretrained":
+        settings["prep"] = dataclasses.asdict(prep)
+    if cfg.normalization in normalize.TRAIN_STRATEGIES:
+        settings |= {"stats_scope": cfg.stats_scope, "source": pipe.source, "train_split": pipe.specs["train"],
+                     "train_examples": pipe.sizes["train"], "image_size": pipe.image_size,
+                     "crop_fraction": pipe.crop_fraction, "interpolation": pipe.interpolation}
+    path = os.path.join(workdir, normalize.FILENAME) if workdir else None
+    if path and os.path.exists(path):
+        stats = normalize.load(path, settings)
+        logging.info("normalization %s: reusing %s", cfg.normalization, path)
+    else:
+        stats = None
+        if cfg.normalization in normalize.TRAIN_STRATEGIES:
+            logging.info("computing training statistics over %d train images at %d px (one pass)",
+                         pipe.sizes["train"], pipe.image_size)
+            stats = normalize.compute_stats(pipe.raw_train_images())
+        if path and process_index == 0:
+            os.makedirs(workdir, exist_ok=True)
+            normalize.save(path, settings, stats)
+    if stats is not None:
+        logging.info("training statistics (per channel): mean %s std %s min %s max %s", stats.mean, stats.std,
+                     stats.min, stats.max)
+        stats = stats.scoped(cfg.stats_scope)
+    return stats
+
+
+def build(cfg: ml_collections.ConfigDict, prep: Any = None, *, seed: int = 0, workdir: str | None = None,
+          num_devices: int = 1, process_index: int = 0, process_count: int = 1) -> InputPipeline:
+    """Validates `cfg` (config.data), reads the source, resolves normalization, and returns the pipeline.
+
+    prep: the loaded weights' `Preprocessing` (resize method, crop fraction, "pretrained" normalization); None
+    with random weights. workdir: where normalization.json is saved and reused (None: not saved).
+    num_devices / process_index / process_count: jax.device_count(), jax.process_index(), jax.process_count().
+    """
+    _validate(cfg, prep, seed, num_devices, process_index, process_count)
+    _keep_tf_off_accelerators()
+    specs = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
+    source = sources.load(cfg.source, data_dir=cfg.data_dir, download=cfg.download, specs=specs,
+                          val_percent=cfg.val_percent, test_percent=cfg.test_percent)
+    skipped = {split: 0 for split in source.splits}
+    if cfg.skip_corrupt:
+        source, skipped = _without_undecodable(source)
+    for split, records in source.splits.items():
+        if len(records) == 0:
+            raise SourceError(f"{source.name}: split {source.specs[split]!r} ({split}) holds no examples")
+    if len(source.splits["train"]) < cfg.batch_size:
+        raise ConfigError(f"the train split ({source.specs['train']}) holds {len(source.splits['train'])} examples, "
+                          f"fewer than one global batch of {cfg.batch_size}")
+    pipe = InputPipeline(cfg, prep, source, seed=seed, process_index=process_index, process_count=process_count,
+                         skipped=skipped)
+    stats = _statistics(pipe, cfg, prep, workdir, process_index)
+    pipe.use_normalization(cfg.normalization, prep, stats)
+    return pipe
