@@ -5,6 +5,7 @@ Each family file (resnet, efficientnet, vgg) holds one architecture and its pres
 
 from __future__ import annotations
 
+import dataclasses
 from types import ModuleType
 from typing import Any, Sequence
 
@@ -39,12 +40,14 @@ def create(
     head_activation: str = "relu",
     head_dropout: float | None = None,
     dtype: str = "float32",
+    bn_axis_name: str | None = None,
     **backbone_kwargs: Any,
 ) -> Classifier:
     """Builds `name`'s backbone with a fresh `Head` of `num_classes` outputs.
 
     `head_dropout=None` takes the family's default for that model (e.g. 0.2 for EfficientNet-B0, 0 for ResNet).
     `dtype` is the compute dtype ("float32" or "bfloat16"); parameters and BatchNorm statistics stay float32.
+    `bn_axis_name`: the pmap axis BatchNorm averages batch statistics over (ignored by backbones without BN).
     `backbone_kwargs` go to the backbone (e.g. `style="keras"` for the Keras Applications layout).
     """
     module = FAMILIES[family(name)]
@@ -52,7 +55,10 @@ def create(
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if head_dropout is None:
         head_dropout = getattr(module, "HEAD_DROPOUT", {}).get(name, 0.0)
-    backbone = module.PRESETS[name](dtype=DTYPES[dtype], **backbone_kwargs)
+    preset = module.PRESETS[name]
+    if bn_axis_name is not None and "bn_axis_name" in {f.name for f in dataclasses.fields(preset.func)}:
+        backbone_kwargs["bn_axis_name"] = bn_axis_name
+    backbone = preset(dtype=DTYPES[dtype], **backbone_kwargs)
     head = Head(num_classes, tuple(head_hidden), head_activation, head_dropout, dtype=DTYPES[dtype])
     return Classifier(backbone=backbone, head=head)
 

@@ -82,13 +82,16 @@ class Conv(nn.Module):
         return y
 
 
-def batch_norm(train: bool, epsilon: float, name: str | None = None) -> nn.BatchNorm:
+def batch_norm(train: bool, epsilon: float, name: str | None = None, axis_name: str | None = None) -> nn.BatchNorm:
     """BatchNorm whose mode is given explicitly: batch statistics (and their update) only when `train` is true.
 
     The statistics and the normalisation run in float32 whatever the compute dtype (mixed precision keeps BN exact).
+    `axis_name`: under `pmap`, the device axis over which batch statistics are averaged, so that data-parallel
+    training normalises with the statistics of the whole global batch, as one device would.
     """
     return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=jnp.float32, name=name
+        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=jnp.float32, axis_name=axis_name,
+        name=name,
     )
 
 

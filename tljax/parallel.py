@@ -1,0 +1,112 @@
+"""Data parallelism over all devices, two ways behind one small interface.
+
+* "pmap": the state is replicated with a leading device axis; each device runs the step on its slice of the batch;
+  gradients and BatchNorm statistics are averaged with `lax.pmean` over the "batch" axis.
+* "jit": one `jax.jit` over a `Mesh` of all devices; the batch is sharded on the "data" axis with `NamedSharding`,
+  the state replicated; XLA inserts the reductions.
+
+Both accept this process's part of each global batch (multi-host: every process passes its own examples) and give
+the same parameters as one device on the same global batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+PyTree = Any
+AXIS = "batch"
+MODES = ("pmap", "jit")
+
+
+class Pmap:
+    """`jax.pmap` over the local devices (global across processes in a multi-host run)."""
+
+    axis_name = AXIS
+
+    def __init__(self) -> None:
+        self.local_devices = jax.local_devices()
+        self.stacked = NamedSharding(Mesh(np.asarray(self.local_devices), (AXIS,)), PartitionSpec(AXIS))
+
+    def put_state(self, state: PyTree) -> PyTree:
+        """One copy per local device, stacked on a leading axis."""
+        n = len(self.local_devices)
+        return jax.device_put(jax.tree.map(lambda x: np.broadcast_to(x, (n,) + np.shape(x)), state), self.stacked)
+
+    def get_state(self, state: PyTree) -> PyTree:
+        return jax.tree.map(lambda x: x[0], state)
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(self.local_devices)
+        return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
+
+    def compile(self, fn: Callable, donate: bool) -> Callable:
+        return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=(0,) if donate else ())
+
+    def get_metrics(self, tree: PyTree) -> PyTree:
+        """Device values -> host numpy; reduced metrics are equal on every device, so take the first."""
+        return jax.tree.map(lambda x: np.asarray(x[0]), jax.device_get(tree))
+
+    def gather(self, x: jax.Array) -> np.ndarray:
+        """Per-example outputs of every process, flattened in global batch order."""
+        local = np.asarray(jax.device_get(x)).reshape(-1, *x.shape[2:])
+        return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+
+
+class Jit:
+    """One `jax.jit` over a 1-D `Mesh` of all devices, batch sharded on its "data" axis."""
+
+    axis_name = None
+
+    def __init__(self) -> None:
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.sharded = NamedSharding(self.mesh, PartitionSpec("data"))
+
+    def put_state(self, state: PyTree) -> PyTree:
+        return jax.device_put(state, self.replicated)
+
+    def get_state(self, state: PyTree) -> PyTree:
+        return state
+
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
+
+    def compile(self, fn: Callable, donate: bool) -> Callable:
+        return jax.jit(fn, out_shardings=self.replicated, donate_argnums=(0,) if donate else ())
+
+    def get_metrics(self, tree: PyTree) -> PyTree:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
+
+    def gather(self, x: jax.Array) -> np.ndarray:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def initialize_distributed() -> None:
+    """Joins a multi-process run when the environment describes one; a no-op for a single process.
+
+    Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID. Managed clusters (SLURM,
+    Open MPI, Kubernetes, Cloud TPU) are detected by `jax.distributed.initialize()` itself when
+    TLJAX_DISTRIBUTED=auto. On CPU, set JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo for cross-process collectives.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+    elif os.environ.get("TLJAX_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def create(mode: str) -> Pmap | Jit:
+    """The strategy for `config.parallelism`."""
+    if mode not in MODES:
+        raise ValueError(f"unknown parallelism {mode!r}; choose one of {MODES}")
+    return Pmap() if mode == "pmap" else Jit()

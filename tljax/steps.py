@@ -1,0 +1,118 @@
+"""Pure training and evaluation steps: no I/O, no globals; everything static is bound with functools.partial.
+
+`train_step` differentiates only the parameters the phase trains (`optim.split`): with the backbone frozen, its
+backward pass is never built, whatever reads the gradients later (clipping included). Frozen parameters come out
+untouched (the same buffers' values), and so do BatchNorm statistics unless the phase trains them (`bn_train`).
+
+Metrics are sums over the batch (loss, top-1 and top-5 hits, example count), reduced over devices, so an epoch's
+or a split's averages are exact however the examples were batched and padded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from tljax import optim
+
+PyTree = Any
+
+
+class TrainState(struct.PyTreeNode):
+    """Everything a step changes. `step` counts optimizer steps over all phases; `rng` seeds dropout."""
+
+    step: jax.Array
+    params: PyTree
+    batch_stats: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+
+def create_state(variables: dict, tx: optax.GradientTransformation, rng: jax.Array, step: int = 0) -> TrainState:
+    """A fresh state for a phase: the given variables and `tx`'s initial optimizer state."""
+    return TrainState(
+        step=jnp.asarray(step, jnp.int32),
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(variables["params"]),
+        rng=rng,
+    )
+
+
+def _metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {
+        "loss": jnp.sum(losses * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "correct5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+        "count": jnp.sum(mask),
+    }
+
+
+def _reduce(tree: PyTree, axis_name: str | None, op=jax.lax.psum) -> PyTree:
+    return tree if axis_name is None else op(tree, axis_name)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    labels: PyTree,
+    bn_train: bool,
+    axis_name: str | None = None,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step on a batch {"image", "label"}; returns the new state and the batch's metric sums.
+
+    labels: `optim.param_labels` of the phase. bn_train: the backbone runs in training mode (BatchNorm batch
+    statistics, updated running statistics, stochastic depth); otherwise in inference mode while the head trains.
+    axis_name: the pmap axis to average gradients and statistics over (None under jit / one device).
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+    trainable, frozen = optim.split(state.params, labels)
+    images = batch["image"]
+
+    def loss_fn(trainable_params):
+        variables = {"params": optim.merge(trainable_params, frozen), "batch_stats": state.batch_stats}
+        kwargs = dict(train=True, backbone_train=bn_train, rngs={"dropout": rng})
+        if bn_train:
+            logits, updated = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
+            batch_stats = updated["batch_stats"]
+        else:
+            logits, batch_stats = model.apply(variables, images, **kwargs), state.batch_stats
+        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+        return loss, (logits, batch_stats)
+
+    (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    grads = _reduce(grads, axis_name, jax.lax.pmean)
+    if bn_train:
+        batch_stats = _reduce(batch_stats, axis_name, jax.lax.pmean)
+    zeros = jax.tree.map(jnp.zeros_like, frozen)  # never computed: set_to_zero ignores them
+    updates, opt_state = tx.update(optim.merge(grads, zeros), state.opt_state, state.params)
+    new_trainable = optax.apply_updates(trainable, optim.split(updates, labels)[0])
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optim.merge(new_trainable, frozen),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    sums = _metric_sums(logits, batch["label"], jnp.ones(logits.shape[0], jnp.float32))
+    return new_state, _reduce(sums, axis_name)
+
+
+def eval_step(
+    state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, axis_name: str | None = None
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """Inference on a padded batch {"image", "label", "mask"}: (metric sums over real examples, predictions)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = model.apply(variables, batch["image"], train=False)
+    return _reduce(_metric_sums(logits, batch["label"], batch["mask"]), axis_name), jnp.argmax(logits, -1)

@@ -1,0 +1,271 @@
+"""The training run: phases in order, an evaluation after every epoch, checkpoints, logs, summary and plots.
+
+    summary = train.run(config, workdir)
+
+Re-running with the same workdir resumes from the newest checkpoint (mid-phase or across a phase boundary) and
+ends with the same parameters as an uninterrupted run: the data order is a function of (seed, epoch), and the
+checkpoint stores the step within the phase, from which the epoch and the batch follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import signal
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, pretrained, steps
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What stays fixed across phases."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    model: models.Classifier
+    data: Any
+    par: parallel.Pmap | parallel.Jit
+    ckpt: checkpoint.Checkpointer
+    writer: metrics.Writer
+    identity: dict[str, Any]
+    is_main: bool
+    eval_fn: Any = None
+    preempted: list[bool] = dataclasses.field(default_factory=lambda: [False])
+
+
+def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict, pretrained.Preprocessing, Any]:
+    """Model, initial variables, preprocessing and data, in the order each needs the other."""
+    head = cfg.model.head
+    kwargs = dict(head_hidden=tuple(head.hidden), head_activation=head.activation, dtype=cfg.model.dtype,
+                  head_dropout=None if head.dropout < 0 else head.dropout)
+    if cfg.parallelism == "pmap":
+        kwargs["bn_axis_name"] = parallel.AXIS
+    weights = None
+    if cfg.model.weights != "none":
+        weights = pretrained.read(cfg.model.name, cfg.model.weights, convention=cfg.model.convention or None, **kwargs)
+        prep = weights.prep
+    else:
+        prep = pretrained.Preprocessing(image_size=cfg.data.image_size)
+    ds = data.build(cfg.data, prep, seed=cfg.seed, workdir=workdir, num_devices=jax.device_count(),
+                    process_index=jax.process_index(), process_count=jax.process_count())
+    if weights is not None:
+        model, variables = weights.build(ds.num_classes, seed=cfg.seed)
+    else:
+        model = models.create(cfg.model.name, ds.num_classes, **kwargs)
+        shape = (1, cfg.data.image_size, cfg.data.image_size, 3)
+        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(cfg.seed), np.zeros(shape, np.float32))
+    return model, jax.device_get(variables), prep, ds
+
+
+def phase_steps(phase: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    return phase.steps if phase.steps > 0 else phase.epochs * steps_per_epoch
+
+
+def _epoch_offsets(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+    """The first data epoch of each phase (phases see fresh permutations of the data)."""
+    offsets, total = [], 0
+    for p in cfg.phases:
+        offsets.append(total)
+        total += math.ceil(phase_steps(p, steps_per_epoch) / steps_per_epoch)
+    return offsets
+
+
+def evaluate(run: Run, state: Any, split: str, with_predictions: bool = False) -> tuple[dict, Any]:
+    """Average metrics over every example of `split` exactly once (padded batches, masked).
+
+    With `with_predictions`, also (labels, predictions) of every example, gathered from all processes.
+    """
+    total, gathered = None, []
+    for batch in run.data.eval(split):
+        batch = run.par.put_batch(batch)
+        sums, pred = run.eval_fn(state, batch)
+        total = metrics.add(total, sums)
+        if with_predictions:
+            gathered.append([run.par.gather(x) for x in (batch["label"], pred, batch["mask"])])
+    result = metrics.averages(run.par.get_metrics(total))
+    if not with_predictions:
+        return result, None
+    labels, pred, mask = (np.concatenate(x) for x in zip(*gathered))
+    return result, (labels[mask > 0], pred[mask > 0])
+
+
+def _check_finite(sums: dict[str, Any], where: str, last_saved: int | None, run: Run) -> None:
+    if not np.isfinite(float(sums["loss"])):
+        kept = f"the last good checkpoint (step {last_saved})" if last_saved is not None else "no checkpoint"
+        raise TrainingDivergedError(
+            f"the loss became {float(sums['loss'])} at {where}; training stopped. {kept} is kept in "
+            f"{run.ckpt.manager.directory}. Lower the learning rate or enable clip_grad_norm and rerun."
+        )
+
+
+def _save(run: Run, state: Any, meta: dict[str, Any]) -> int:
+    host = run.par.get_state(state)
+    if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(host.params))):
+        raise TrainingDivergedError("parameters became NaN/inf; the last good checkpoint is kept")
+    step = int(jax.device_get(host.step))
+    run.ckpt.save(step, host, meta)
+    return step
+
+
+def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any], last_saved: int | None) -> Any:
+    """Runs phase k from step `start` of the phase; returns the final (device) state."""
+    cfg, phase, ds, par = run.config, run.config.phases[k], run.data, run.par
+    total, spe = phase_steps(phase, ds.steps_per_epoch), ds.steps_per_epoch
+    offset = _epoch_offsets(cfg, spe)[k]
+    labels = optim.param_labels(par.get_state(state).params, phase.trainable)
+    tx = optim.build(phase, labels, total)
+    bn_train = phase.bn == "train"
+    fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train)
+    train_fn = par.compile(fn, donate=True)
+    batches: Iterator[dict] = iter(())
+    progress = metrics.Progress(f"phase {k + 1}/{len(cfg.phases)} {phase.name}", total, start, run.is_main)
+    epoch_sums = meta.get("epoch_sums") if start % spe else None  # a resumed epoch keeps its first steps' sums
+    pending = None
+
+    def collect(device_sums, step_done):
+        nonlocal epoch_sums
+        sums = par.get_metrics(device_sums)
+        _check_finite(sums, f"step {step_done} of phase {phase.name!r}", last_saved, run)
+        epoch_sums = metrics.add(epoch_sums, sums)
+        avg = metrics.averages(epoch_sums)
+        progress.update(step_done, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
+
+    for s in range(start, total):
+        epoch, b = divmod(s, spe)
+        if b == 0 or s == start:
+            batches = ds.train(offset + epoch, start_step=b)
+        state, sums = train_fn(state, par.put_batch(next(batches)))
+        if pending is not None:
+            collect(*pending)  # the previous step's metrics: fetching them does not wait for this step
+        pending = (sums, s + 1)
+        end_of_epoch = b == spe - 1 or s + 1 == total
+        if end_of_epoch or (s + 1) % cfg.checkpoint_every_steps == 0 or run.preempted[0]:
+            collect(*pending)
+            pending = None
+        if end_of_epoch:
+            _end_epoch(run, k, state, epoch_sums, s + 1, meta)
+            epoch_sums = None
+        if ((s + 1) % cfg.checkpoint_every_steps == 0 and s + 1 < total) or run.preempted[0]:
+            position = {"epoch": offset + (s + 1) // spe, "batch": (s + 1) % spe}
+            last_saved = _save(run, state, {**meta, "phase": k, "phase_step": s + 1, "data_position": position,
+                                            "epoch_sums": {m: float(v) for m, v in (epoch_sums or {}).items()}})
+        if run.preempted[0]:
+            logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", last_saved)
+            raise SystemExit(0)
+    return state
+
+
+def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, meta: dict[str, Any]) -> None:
+    """Validation after an epoch; appends to the history kept in the checkpoint meta."""
+    val, _ = evaluate(run, state, "val")
+    train = metrics.averages(epoch_sums)
+    entry = {"phase": k, "phase_step": phase_step, **{f"train_{m}": v for m, v in train.items()},
+             **{f"val_{m}": v for m, v in val.items()}}
+    meta["history"].append(entry)
+    step = int(np.asarray(jax.device_get(run.par.get_state(state).step)))
+    run.writer.write(step, {key: v for key, v in entry.items() if key not in ("phase", "phase_step")},
+                     top5=run.data.num_classes >= 5)
+    logging.info("phase %d step %d: %s", k, phase_step, entry)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+    """Trains every phase of `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+    config_lib.validate(cfg)
+    os.makedirs(workdir, exist_ok=True)
+    par = parallel.create(cfg.parallelism)
+    model, variables, prep, ds = _build_model(cfg, workdir)
+    is_main = jax.process_index() == 0
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+    identity = checkpoint.identity(cfg, variables["params"])
+    eval_fn = par.compile(functools.partial(steps.eval_step, model=model), donate=False)
+    run_ = Run(cfg, workdir, model, ds, par, ckpt, metrics.Writer(workdir, is_main), identity, is_main, eval_fn)
+    if is_main:
+        with open(os.path.join(workdir, "prep.json"), "w") as f:
+            f.write(prep.to_json())
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=1))
+
+    latest = ckpt.latest_meta()
+    if latest is not None:
+        checkpoint.check_identity(latest[1]["identity"], identity, ckpt.manager.directory)
+        meta = latest[1]
+        run_.writer.truncate_after(latest[0])
+        logging.info("resuming from step %d (phase %d, step %d of it)", latest[0], meta["phase"], meta["phase_step"])
+    else:
+        meta = {"identity": identity, "history": [], "phase_results": [], "phase": 0, "phase_step": 0}
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: run_.preempted.__setitem__(0, True))
+    try:
+        state = _run_phases(run_, variables, meta, latest)
+        return _finish(run_, state, variables, meta)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        run_.writer.close()
+        ckpt.close()
+
+
+def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: tuple[int, dict] | None) -> Any:
+    cfg, ds = run.config, run.data
+    host = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    rng, step = jax.random.PRNGKey(cfg.seed), 0
+    last_saved = latest[0] if latest else None
+    state = None
+    for k, phase in enumerate(cfg.phases):
+        if latest is not None and k < meta["phase"]:
+            continue
+        total = phase_steps(phase, ds.steps_per_epoch)
+        labels = optim.param_labels(host["params"], phase.trainable)
+        fresh = steps.create_state(host, optim.build(phase, labels, total), rng, step)
+        start = 0
+        if latest is not None and k == meta["phase"]:
+            fresh = run.ckpt.restore_state(latest[0], fresh)
+            start = meta["phase_step"]
+            latest = None
+        state = run.par.put_state(fresh)
+        if start < total:
+            state = _train_phase(run, k, state, start, meta, last_saved)
+            val, _ = evaluate(run, state, "val")
+            meta["phase_results"].append({"name": phase.name, "steps": total, "val_accuracy": val["accuracy"],
+                                          "val_loss": val["loss"]})
+            last_saved = _save(run, state, {**meta, "phase": k, "phase_step": total})
+        host_state = jax.device_get(run.par.get_state(state))
+        host = {"params": host_state.params, "batch_stats": host_state.batch_stats}
+        rng, step = host_state.rng, int(host_state.step)
+    return state
+
+
+def _finish(run: Run, state: Any, variables: dict, meta: dict[str, Any]) -> dict[str, Any]:
+    """Test evaluation, summary.json and plots."""
+    test, (labels, predictions) = evaluate(run, state, "test", with_predictions=True)
+    cfg = run.config
+    params = variables["params"]
+    summary = {
+        "phases": meta["phase_results"],
+        "test_accuracy": test["accuracy"],
+        "test_loss": test["loss"],
+        "test_top5_accuracy": test["top5_accuracy"] if run.data.num_classes >= 5 else None,
+        "num_params": optim.count(params),
+        "num_trainable_params_per_phase": [optim.count(params, optim.param_labels(params, p.trainable))
+                                           for p in cfg.phases],
+    }
+    if run.is_main:
+        metrics.write_summary(run.workdir, summary)
+        plots = os.path.join(run.workdir, "plots")
+        os.makedirs(plots, exist_ok=True)
+        metrics.plot_learning_curves(os.path.join(plots, "learning_curves.png"), meta["history"],
+                                     [p.name for p in cfg.phases])
+        metrics.plot_confusion_matrix(os.path.join(plots, "confusion_matrix.png"), labels, predictions,
+                                      run.data.class_names)
+    return summary
