@@ -13,7 +13,8 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import jax.numpy as jnp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tests.parity import assert_logits_close  # noqa: E402
+from tests import torch_reference  # noqa: E402
+from tests.parity import assert_parity  # noqa: E402
 from tljax import pretrained  # noqa: E402
 from tljax.models.vgg import adaptive_avg_pool  # noqa: E402
 from tljax.pretrained.prep import TORCHVISION  # noqa: E402
@@ -102,23 +103,6 @@ REFERENCES = {
 }
 
 
-def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """He-normal weights, non-zero biases, BatchNorm gamma/beta and running statistics far from 1/0/0/1; eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                m.weight.normal_(0.0, (2.0 / m.weight[0].numel()) ** 0.5, generator=g)
-                if m.bias is not None:
-                    m.bias.normal_(0.0, 0.05, generator=g)
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.normal_(0.0, 0.1, generator=g)
-                m.running_mean.normal_(0.0, 0.1, generator=g)
-                m.running_var.uniform_(0.5, 1.5, generator=g)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def images():
     return np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
@@ -130,7 +114,7 @@ def images():
 )
 def test_logits_match_pytorch(tmp_path, images, name, suffix):
     """The torchvision state dict, saved as safetensors or with torch.save (zip), gives PyTorch's logits."""
-    reference = randomize(REFERENCES[name]())
+    reference = torch_reference.calibrate_batchnorm(torch_reference.he_init(REFERENCES[name]()))
     path = tmp_path / f"{name}{suffix}"
     if suffix == ".safetensors":
         safetensors_torch.save_file(reference.state_dict(), path)
@@ -140,10 +124,9 @@ def test_logits_match_pytorch(tmp_path, images, name, suffix):
     model, variables, prep = pretrained.load(name, path)
     assert prep == TORCHVISION
     x = np.asarray(prep.normalize(images))
-    with torch.no_grad():
-        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    expected = torch_reference.logits(reference, x)
     assert expected.shape == (2, 1000)
-    assert_logits_close(model.apply(variables, x, train=False), expected)
+    assert_parity(model.apply(variables, x, train=False), expected)
 
 
 @pytest.mark.parametrize("height, width", [(1, 1), (2, 3), (7, 7), (9, 13), (20, 6)])

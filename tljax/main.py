@@ -7,6 +7,7 @@ command with the same workdir resumes from the newest checkpoint.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -18,9 +19,15 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_libraries(record: logging_std.LogRecord) -> bool:
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     parallel.initialize_distributed()
     summary = train.run(_CONFIG.value, _WORKDIR.value)
     if summary is not None:

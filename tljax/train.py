@@ -177,7 +177,6 @@ def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, 
     step = int(np.asarray(jax.device_get(run.par.get_state(state).step)))
     run.writer.write(step, {key: v for key, v in entry.items() if key not in ("phase", "phase_step")},
                      top5=run.data.num_classes >= 5)
-    logging.info("phase %d step %d: %s", k, phase_step, entry)
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
@@ -237,8 +236,8 @@ def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: tuple[i
         if start < total:
             state = _train_phase(run, k, state, start, meta, last_saved)
             val, _ = evaluate(run, state, "val")
-            meta["phase_results"].append({"name": phase.name, "steps": total, "val_accuracy": val["accuracy"],
-                                          "val_loss": val["loss"]})
+            result = {"name": phase.name, "steps": total, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
+            meta["phase_results"] = meta["phase_results"][:k] + [result]  # a lengthened phase replaces its entry
             last_saved = _save(run, state, {**meta, "phase": k, "phase_step": total})
         host_state = jax.device_get(run.par.get_state(state))
         host = {"params": host_state.params, "batch_stats": host_state.batch_stats}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 from typing import Any
 
 import jax
@@ -90,6 +91,8 @@ def read(name: str, source: str | os.PathLike, *, convention: str | None = None,
     family = models.family(name)
     path, known = hub.resolve(source, name)
     arrays, fmt = readers.read(path)
+    if fmt == "keras":  # Keras numbers unnamed layers per session: "normalization_1" after a first model was built
+        arrays = {re.sub(r"^normalization_\d+/", "normalization/", k): v for k, v in arrays.items()}
     if fmt == "keras3":
         arrays, fmt = _keras3_to_keras(arrays, family, name, create_kwargs, path), "keras"
     conv = mappings.detect(family, list(arrays), fmt, convention or (known.convention if known else None))
