@@ -158,7 +158,7 @@ original = pipeline.InputPipeline.train
 def recording(self, epoch, start_step=0):
     order = self.train_order(epoch)[start_step:]
     with open(os.environ["RECORD"], "a") as f:
-        f.write(json.dumps({"global": order.tolist(), "local": self._local(order).tolist()}) + "\\n")
+        f.write(json.dumps({"global": order.tolist(), "local": self.local(order).tolist()}) + "\\n")
     return original(self, epoch, start_step)
 pipeline.InputPipeline.train = recording
 sys.argv = ["tljax.main"] + sys.argv[1:]
@@ -192,3 +192,24 @@ def test_two_processes_match_one_process_with_four_devices(folder, tmp_path):
     # Only process 0 wrote logs: one metrics line per epoch, one TensorBoard file.
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 4
     assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+
+
+def test_cached_features_give_the_same_head_as_running_the_backbone(folder, tmp_path):
+    states = {}
+    for cached in (False, True):
+        cfg = tiny.get_config(str(folder))
+        cfg.phases = cfg.phases[:1]
+        cfg.phases[0].cache_features = cached
+        cfg.model.head.dropout = 0.3  # the head's dropout masks must match too
+        summary = train.run(cfg, str(tmp_path / str(cached)))
+        states[cached] = train_util.final_state(tmp_path / str(cached))
+        assert summary["phases"][0]["val_accuracy"] >= 0
+    _assert_same_params(states[False], states[True], atol=1e-6)
+    assert not (tmp_path / "True" / "features").exists()
+
+
+def test_cached_features_refuse_a_trainable_backbone(folder, tmp_path):
+    cfg = tiny.get_config(str(folder))
+    cfg.phases[1].cache_features = True
+    with pytest.raises(ValueError, match="cache_features needs the whole backbone frozen"):
+        train.run(cfg, str(tmp_path))

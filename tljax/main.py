@@ -20,8 +20,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _quiet_libraries(record: logging_std.LogRecord) -> bool:
-    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+    """Drops the INFO chatter of orbax (every save) and of JAX's backend probing; warnings and errors still show."""
+    return record.levelno >= logging_std.WARNING or not any(
+        part in record.pathname for part in ("/orbax/", "/jax/_src/"))
 
 
 def main(argv: list[str]) -> None:

@@ -67,28 +67,34 @@ def train_step(
     tx: optax.GradientTransformation,
     labels: PyTree,
     bn_train: bool,
+    on_features: bool = False,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch {"image", "label"}; returns the new state and the batch's metric sums.
 
     labels: `optim.param_labels` of the phase. bn_train: the backbone runs in training mode (BatchNorm batch
     statistics, updated running statistics, stochastic depth); otherwise in inference mode while the head trains.
+    on_features: the batch holds cached backbone features {"features", "label"}: only the head runs (the same
+    numbers as the image path with a frozen backbone in inference mode).
     axis_name: the pmap axis to average gradients and statistics over (None under jit / one device).
     """
     rng = jax.random.fold_in(state.rng, state.step)
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     trainable, frozen = optim.split(state.params, labels)
-    images = batch["image"]
 
     def loss_fn(trainable_params):
         variables = {"params": optim.merge(trainable_params, frozen), "batch_stats": state.batch_stats}
-        kwargs = dict(train=True, backbone_train=bn_train, rngs={"dropout": rng})
-        if bn_train:
-            logits, updated = model.apply(variables, images, mutable=["batch_stats"], **kwargs)
+        if on_features:
+            logits = model.apply(variables, batch["features"], train=True, method="classify", rngs={"dropout": rng})
+            batch_stats = state.batch_stats
+        elif bn_train:
+            logits, updated = model.apply(variables, batch["image"], train=True, backbone_train=True,
+                                          rngs={"dropout": rng}, mutable=["batch_stats"])
             batch_stats = updated["batch_stats"]
         else:
-            logits, batch_stats = model.apply(variables, images, **kwargs), state.batch_stats
+            logits = model.apply(variables, batch["image"], train=True, backbone_train=False, rngs={"dropout": rng})
+            batch_stats = state.batch_stats
         loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
         return loss, (logits, batch_stats)
 
@@ -110,9 +116,21 @@ def train_step(
 
 
 def eval_step(
-    state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, axis_name: str | None = None
+    state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, on_features: bool = False,
+    axis_name: str | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """Inference on a padded batch {"image", "label", "mask"}: (metric sums over real examples, predictions)."""
+    """Inference on a padded batch {"image" or "features", "label", "mask"}: (metric sums over real examples,
+    predictions)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = model.apply(variables, batch["image"], train=False)
+    if on_features:
+        logits = model.apply(variables, batch["features"], train=False, method="classify")
+    else:
+        logits = model.apply(variables, batch["image"], train=False)
     return _reduce(_metric_sums(logits, batch["label"], batch["mask"]), axis_name), jnp.argmax(logits, -1)
+
+
+def feature_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+                 axis_name: str | None = None) -> jax.Array:
+    """The backbone's pooled features of a batch of images, in inference mode (for caching)."""
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model.apply(variables, batch["image"], train=False, method="features")

@@ -22,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, pretrained, steps
+from tljax.features import FeatureCache
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -42,6 +43,7 @@ class Run:
     identity: dict[str, Any]
     is_main: bool
     eval_fn: Any = None
+    eval_features_fn: Any = None
     preempted: list[bool] = dataclasses.field(default_factory=lambda: [False])
 
 
@@ -82,15 +84,18 @@ def _epoch_offsets(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> list
     return offsets
 
 
-def evaluate(run: Run, state: Any, split: str, with_predictions: bool = False) -> tuple[dict, Any]:
+def evaluate(run: Run, state: Any, split: str, with_predictions: bool = False,
+             cache: FeatureCache | None = None) -> tuple[dict, Any]:
     """Average metrics over every example of `split` exactly once (padded batches, masked).
 
-    With `with_predictions`, also (labels, predictions) of every example, gathered from all processes.
+    With `with_predictions`, also (labels, predictions) of every example, gathered from all processes. With a
+    feature cache, the head runs on the cached features of the (frozen) backbone.
     """
     total, gathered = None, []
-    for batch in run.data.eval(split):
+    fn = run.eval_fn if cache is None else run.eval_features_fn
+    for batch in (run.data if cache is None else cache).eval(split):
         batch = run.par.put_batch(batch)
-        sums, pred = run.eval_fn(state, batch)
+        sums, pred = fn(state, batch)
         total = metrics.add(total, sums)
         if with_predictions:
             gathered.append([run.par.gather(x) for x in (batch["label"], pred, batch["mask"])])
@@ -127,7 +132,14 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
     labels = optim.param_labels(par.get_state(state).params, phase.trainable)
     tx = optim.build(phase, labels, total)
     bn_train = phase.bn == "train"
-    fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train)
+    cache = None
+    if phase.cache_features:
+        if bn_train or any(label == "backbone" for label in jax.tree.leaves(labels)):
+            raise ValueError(f"phase {phase.name!r}: cache_features needs the whole backbone frozen (bn='frozen' "
+                             f"and a trainable pattern that matches no backbone parameter, not {phase.trainable!r})")
+        cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"))
+    fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train,
+                           on_features=cache is not None)
     train_fn = par.compile(fn, donate=True)
     batches: Iterator[dict] = iter(())
     progress = metrics.Progress(f"phase {k + 1}/{len(cfg.phases)} {phase.name}", total, start, run.is_main)
@@ -145,7 +157,7 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
     for s in range(start, total):
         epoch, b = divmod(s, spe)
         if b == 0 or s == start:
-            batches = ds.train(offset + epoch, start_step=b)
+            batches = (cache or ds).train(offset + epoch, start_step=b)
         state, sums = train_fn(state, par.put_batch(next(batches)))
         if pending is not None:
             collect(*pending)  # the previous step's metrics: fetching them does not wait for this step
@@ -155,7 +167,7 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
             collect(*pending)
             pending = None
         if end_of_epoch:
-            _end_epoch(run, k, state, epoch_sums, s + 1, meta)
+            _end_epoch(run, k, state, epoch_sums, s + 1, meta, cache)
             epoch_sums = None
         if ((s + 1) % cfg.checkpoint_every_steps == 0 and s + 1 < total) or run.preempted[0]:
             position = {"epoch": offset + (s + 1) // spe, "batch": (s + 1) % spe}
@@ -164,12 +176,15 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
         if run.preempted[0]:
             logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", last_saved)
             raise SystemExit(0)
+    if cache is not None:
+        cache.close()
     return state
 
 
-def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, meta: dict[str, Any]) -> None:
+def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, meta: dict[str, Any],
+               cache: FeatureCache | None) -> None:
     """Validation after an epoch; appends to the history kept in the checkpoint meta."""
-    val, _ = evaluate(run, state, "val")
+    val, _ = evaluate(run, state, "val", cache=cache)
     train = metrics.averages(epoch_sums)
     entry = {"phase": k, "phase_step": phase_step, **{f"train_{m}": v for m, v in train.items()},
              **{f"val_{m}": v for m, v in val.items()}}
@@ -188,8 +203,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
     is_main = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     identity = checkpoint.identity(cfg, variables["params"])
-    eval_fn = par.compile(functools.partial(steps.eval_step, model=model), donate=False)
-    run_ = Run(cfg, workdir, model, ds, par, ckpt, metrics.Writer(workdir, is_main), identity, is_main, eval_fn)
+    eval_fns = [par.compile(functools.partial(steps.eval_step, model=model, on_features=f), donate=False)
+                for f in (False, True)]
+    run_ = Run(cfg, workdir, model, ds, par, ckpt, metrics.Writer(workdir, is_main), identity, is_main, *eval_fns)
     if is_main:
         with open(os.path.join(workdir, "prep.json"), "w") as f:
             f.write(prep.to_json())

@@ -147,6 +147,14 @@ def _decodes(records: Records, i: int) -> bool:
     return True
 
 
+def padded(n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices 0..n-1 in [steps, batch] rows, the last row padded with index 0, and the mask (0 = padding)."""
+    steps = math.ceil(n / batch)
+    indices = np.zeros(steps * batch, np.int64)
+    indices[:n] = np.arange(n)
+    return indices.reshape(steps, batch), (np.arange(steps * batch) < n).astype(np.float32).reshape(steps, batch)
+
+
 class InputPipeline:
     """A data set's splits as batch iterators for one process; see the module docstring for order and sharding.
 
@@ -196,7 +204,7 @@ class InputPipeline:
         """This process's part of global batches start_step.. of `epoch`: {"image" [L,H,W,3] f32, "label" [L] i32}."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
-        local = self._local(self.train_order(epoch)[start_step:])
+        local = self.local(self.train_order(epoch)[start_step:])
         return self._iterate("train", local, None, epoch=epoch, normalized=True)
 
     def eval_steps(self, split: str) -> int:
@@ -205,12 +213,12 @@ class InputPipeline:
 
     def eval(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         """This process's part of every padded eval batch: {"image", "label", "mask" [L] f32 (0 = padding)}."""
-        indices, mask = self._padded(self._split_size(split), self.eval_batch_size)
-        return self._iterate(split, self._local(indices), self._local(mask), epoch=None, normalized=True)
+        indices, mask = padded(self._split_size(split), self.eval_batch_size)
+        return self._iterate(split, self.local(indices), self.local(mask), epoch=None, normalized=True)
 
     def raw_train_images(self, batch_size: int = 64) -> Iterator[np.ndarray]:
         """Every train image once, eval transform, not normalised (the statistics pass; not sharded)."""
-        indices, mask = self._padded(self.sizes["train"], batch_size)
+        indices, mask = padded(self.sizes["train"], batch_size)
         for batch in self._iterate("train", indices, mask, epoch=None, normalized=False):
             yield batch["image"][batch["mask"] > 0]
 
@@ -219,17 +227,10 @@ class InputPipeline:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
         return self.sizes[split]
 
-    def _local(self, global_batches: np.ndarray) -> np.ndarray:
+    def local(self, global_batches: np.ndarray) -> np.ndarray:
         """This process's contiguous columns of [steps, global batch]."""
         width = global_batches.shape[1] // self._processes
         return global_batches[:, self._process * width : (self._process + 1) * width]
-
-    @staticmethod
-    def _padded(n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        steps = math.ceil(n / batch)
-        indices = np.zeros(steps * batch, np.int64)
-        indices[:n] = np.arange(n)
-        return indices.reshape(steps, batch), (np.arange(steps * batch) < n).astype(np.float32).reshape(steps, batch)
 
     def _image(self, split: str, index: tf.Tensor, epoch: int | None) -> tf.Tensor:
         """Read, decode and transform one example: float32 [S, S, 3] in 0..255."""

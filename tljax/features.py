@@ -1,0 +1,67 @@
+"""Cached backbone features: a phase whose backbone is frozen runs it once per example, then trains the head alone.
+
+With the backbone frozen and in inference mode (and no augmentation), its features of an example never change
+during the phase, so the head sees exactly the inputs it would see through the backbone: the same batches in the
+same order (`InputPipeline.train_order`), hence the same head parameters. Train and validation features are kept
+in memory, or in a memory-mapped file in the workdir when they would not fit comfortably.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+
+from tljax import steps
+from tljax.data import pipeline
+
+IN_MEMORY_BYTES = 2**30  # larger feature arrays go to a memory-mapped file
+
+
+class FeatureCache:
+    """Features and labels of every train and val example, in example order, on every process."""
+
+    def __init__(self, data: pipeline.InputPipeline, par: Any, state: Any, model: Any, directory: str) -> None:
+        self.data, self.directory = data, directory
+        extract = par.compile(functools.partial(steps.feature_step, model=model), donate=False)
+        self.features: dict[str, np.ndarray] = {}
+        self.labels: dict[str, np.ndarray] = {}
+        for split in ("train", "val"):
+            stored, labels, filled = None, [], 0
+            for batch in data.eval(split):
+                on_device = par.put_batch(batch)
+                features, mask = par.gather(extract(state, on_device)), par.gather(on_device["mask"])
+                features = features[mask > 0]
+                if stored is None:
+                    stored = self._array(split, (data.sizes[split], features.shape[-1]))
+                stored[filled : filled + len(features)] = features
+                filled += len(features)
+                labels.append(par.gather(on_device["label"])[mask > 0])
+            self.features[split], self.labels[split] = stored, np.concatenate(labels)
+
+    def _array(self, split: str, shape: tuple[int, int]) -> np.ndarray:
+        if shape[0] * shape[1] * 4 <= IN_MEMORY_BYTES:
+            return np.empty(shape, np.float32)
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"{split}-{jax.process_index()}.npy")
+        return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+
+    def train(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """This process's part of global batches start_step.. of `epoch`: {"features", "label"}."""
+        for indices in self.data.local(self.data.train_order(epoch)[start_step:]):
+            yield {"features": self.features["train"][indices], "label": self.labels["train"][indices]}
+
+    def eval(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        """Padded batches over `split` ("train" or "val"), as `InputPipeline.eval` batches them."""
+        indices, mask = pipeline.padded(len(self.labels[split]), self.data.eval_batch_size)
+        for idx, m in zip(self.data.local(indices), self.data.local(mask)):
+            yield {"features": self.features[split][idx], "label": self.labels[split][idx], "mask": m}
+
+    def close(self) -> None:
+        """Frees memory and removes memory-mapped files."""
+        self.features.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)
