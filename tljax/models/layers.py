@@ -1,58 +1,29 @@
-"""Building blocks shared by every model family: the convolution helper and BatchNorm.
+"""Building blocks shared by every model family: the convolution module, BatchNorm and pooling.
 
-All convolutions in tljax go through `Conv`/`conv2d`, so that the fastest way to compute each kind of convolution on
-the current backend lives in one place and the model files only describe architecture.
+All convolutions in tljax go through `Conv` (-> `conv.conv2d`), so that the fastest way to compute each kind of
+convolution on the current backend lives in one place and the model files only describe architecture.
 
 Padding follows the framework the weights come from:
   * an int `p` is PyTorch's symmetric `padding=p`;
-  * "SAME" is TensorFlow/Keras "same" padding (asymmetric for stride 2 on even inputs), which Flax/XLA "SAME" matches;
+  * "SAME" is TensorFlow/Keras "same" padding (asymmetric for stride 2 on even inputs);
   * an explicit `((top, bottom), (left, right))` pair for anything else.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Padding = str | int | Sequence[tuple[int, int]]
+from tljax.models.conv import Padding, conv2d
+
 Dtype = Any
 
 # He-normal over fan-out, the initialisation torchvision and Keras use for ImageNet convnets.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-
-
-def _explicit_padding(padding: Padding) -> str | Sequence[tuple[int, int]]:
-    if isinstance(padding, str):
-        return padding
-    if isinstance(padding, int):
-        return ((padding, padding), (padding, padding))
-    return tuple(tuple(p) for p in padding)
-
-
-def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: Padding = 0, groups: int = 1) -> jax.Array:
-    """NHWC x HWIO convolution with PyTorch (int), TF ("SAME") or explicit padding.
-
-    A 1x1 convolution without padding is a matrix product and is written as one (XLA's CPU matmul is several times
-    faster than its convolution kernel for the same FLOPs, forward and backward; the numbers are identical).
-    """
-    kh, kw = kernel.shape[:2]
-    pad = _explicit_padding(padding)
-    if (kh, kw) == (1, 1) and groups == 1 and pad in ("SAME", "VALID", ((0, 0), (0, 0))):
-        if strides > 1:
-            x = x[:, ::strides, ::strides, :]
-        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
-    return jax.lax.conv_general_dilated(
-        x,
-        kernel,
-        window_strides=(strides, strides),
-        padding=pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=groups,
-    )
 
 
 class Conv(nn.Module):

@@ -1,0 +1,237 @@
+"""Side-by-side speed of tljax and Keras 3 (JAX backend) on the same model, batch and machine, in one process.
+
+    python scripts/benchmark.py --model resnet50 --image-size 160 --batch-size 32 --compare keras --json bench.json
+
+Measures images/s of: the eval forward pass, the phase-1 step (backbone frozen), the phase-1 step on cached
+features, the phase-2 step (everything trains, BatchNorm in inference mode) and the input pipeline (JPEG decode,
+random-resized crop, flip, normalize on a generated folder of photos-sized JPEGs); with `--compare keras`, the
+same phases in Keras (`base.trainable = False` / `True`, `train_on_batch`, `predict_on_batch`). Rounds interleave
+every measurement (A B A B ...), the first call of each (compilation) is timed separately and excluded, and each
+figure is the median of the rounds with its min-max. Numbers depend on what else the machine is doing: compare
+ratios from one run, not figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tljax import data, models, optim, steps  # noqa: E402
+from tljax import config as config_lib  # noqa: E402
+from tljax.pretrained.prep import TORCHVISION  # noqa: E402
+
+LIMIT_GFLOPS = 248.0  # the best float32 matmul rate measured on the project's 2-core machine
+KERAS_MODELS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152", "vgg16": "VGG16",
+                **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)}}
+CLASSES = 10
+
+
+def _random_variables(model: Any, size: int) -> dict:
+    """Random variables of the model's shapes without running its initialisers (XLA compiles RNG slowly)."""
+    image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    abstract = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), image)
+    rng = np.random.default_rng(0)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape).astype(np.float32)
+        return (np.ones if name in ("scale", "var") else np.zeros)(leaf.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, abstract)
+
+
+def tljax_steps(name: str, size: int, batch: int, dtype: str) -> dict[str, tuple[Callable, Any]]:
+    """Each phase as (step function, initial carry); calling step(carry) returns the next carry."""
+    model = models.create(name, CLASSES, dtype=dtype)
+    variables = _random_variables(model, size)
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, batch).astype(np.int32)
+    features = jax.jit(functools.partial(model.apply, method="features"))(variables, images[:1])
+    batches = {"image": {"image": images, "label": labels},
+               "features": {"features": np.repeat(np.asarray(features), batch, 0), "label": labels}}
+    out = {}
+    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    out["eval"] = (lambda carry: forward(variables, images), None)
+    for phase, trainable, on_features in (("phase1", "^head/", False), ("phase1_cached", "^head/", True),
+                                          ("phase2", ".", False)):
+        cfg = config_lib.phase(trainable=trainable)
+        labels_tree = optim.param_labels(variables["params"], trainable)
+        tx = optim.build(cfg, labels_tree, 1000)
+        fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels_tree, bn_train=False,
+                                       on_features=on_features), donate_argnums=0)
+        batch_ = batches["features" if on_features else "image"]
+        state = steps.create_state(jax.tree.map(np.copy, variables), tx, jax.random.PRNGKey(0))
+        out[phase] = (lambda carry, fn=fn, b=batch_: fn(carry, b)[0], state)
+    return out
+
+
+def keras_steps(name: str, size: int, batch: int) -> dict[str, tuple[Callable, Any]]:
+    """The same phases in Keras 3: the Applications backbone, global average pooling and a Dense head."""
+    import keras
+
+    rng = np.random.default_rng(1)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, CLASSES, batch).astype(np.int32)
+
+    def build(trainable: bool) -> keras.Model:
+        # One model per phase: Keras reads `trainable` at every step, so two phases cannot share layers.
+        base = getattr(keras.applications, KERAS_MODELS[name])(include_top=False, weights=None, pooling="avg",
+                                                               input_shape=(size, size, 3))
+        base.trainable = trainable
+        inputs = keras.Input((size, size, 3))
+        model = keras.Model(inputs, keras.layers.Dense(CLASSES)(base(inputs, training=False)))
+        model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=True,
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    frozen, unfrozen = build(False), build(True)
+    return {"eval": (lambda carry: frozen.predict_on_batch(images), None),
+            "phase1": (lambda carry: frozen.train_on_batch(images, labels), None),
+            "phase2": (lambda carry: unfrozen.train_on_batch(images, labels), None)}
+
+
+def pipeline_step(size: int, batch: int, folder: str) -> tuple[Callable, Any]:
+    """Batches of the tf.data train pipeline (decode, random-resized crop, flip, normalize) over `folder`."""
+    cfg = data.default_config()
+    cfg.source, cfg.image_size, cfg.batch_size, cfg.augment = f"folder:{folder}", size, batch, True
+    ds = data.build(cfg, TORCHVISION, seed=0)
+    state = {"epoch": 0, "it": iter(())}
+
+    def step(carry):
+        try:
+            return next(state["it"])["image"]
+        except StopIteration:
+            state["epoch"] += 1
+            state["it"] = ds.train(state["epoch"])
+            return next(state["it"])["image"]
+
+    return step, None
+
+
+def write_jpegs(folder: str, count: int = 320, classes: int = 4) -> None:
+    """Photo-sized (500x375) JPEGs with some structure, so decoding costs what real photos cost."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500]
+    for i in range(count):
+        directory = os.path.join(folder, f"class{i % classes}")
+        os.makedirs(directory, exist_ok=True)
+        waves = [np.sin(xx / rng.uniform(5, 50) + yy / rng.uniform(5, 50) + c) for c in range(3)]
+        pixels = np.stack(waves, -1) * 100 + 128 + rng.normal(0, 20, (375, 500, 3))
+        jpeg = tf.io.encode_jpeg(np.clip(pixels, 0, 255).astype(np.uint8), quality=90)
+        tf.io.write_file(os.path.join(directory, f"{i}.jpg"), jpeg)
+
+
+def _time(fn: Callable, carry: Any, steps_: int) -> tuple[float, Any]:
+    start = time.perf_counter()
+    for _ in range(steps_):
+        carry = fn(carry)
+    jax.block_until_ready(carry)
+    return time.perf_counter() - start, carry
+
+
+def measure(systems: dict[str, dict[str, tuple[Callable, Any]]], batch: int, rounds: int, steps_: int) -> dict:
+    """Interleaved rounds over every (system, phase); returns medians, ranges and compile times."""
+    carries = {(s, p): c for s, phases in systems.items() for p, (_, c) in phases.items()}
+    compile_s, samples = {}, {key: [] for key in carries}
+    for key in carries:  # first call (compilation) and one warm-up call, both excluded
+        fn = systems[key[0]][key[1]][0]
+        compile_s[key], carries[key] = _time(fn, carries[key], 1)
+        _, carries[key] = _time(fn, carries[key], 1)
+        print(f"  compiled {key[0]:6s} {key[1]:14s} {compile_s[key]:7.1f} s", file=sys.stderr)
+    for r in range(rounds):
+        for key in carries:
+            n = steps_ * (20 if key[1] in ("pipeline", "phase1_cached") else 1)
+            seconds, carries[key] = _time(systems[key[0]][key[1]][0], carries[key], n)
+            samples[key].append(n * batch / seconds)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr)
+    results: dict[str, dict[str, Any]] = {}
+    for (system, phase), values in samples.items():
+        results.setdefault(system, {})[phase] = {
+            "images_per_s": statistics.median(values), "min": min(values), "max": max(values),
+            "compile_s": compile_s[(system, phase)]}
+    return results
+
+
+def _flops_per_image(name: str, size: int, batch: int, dtype: str) -> dict[str, float]:
+    """XLA's own FLOP counts of the compiled eval forward and phase-2 step, per image."""
+    model = models.create(name, CLASSES, dtype=dtype)
+    variables = _random_variables(model, size)
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
+    labels_tree = optim.param_labels(variables["params"], ".")
+    tx = optim.build(config_lib.phase(trainable="."), labels_tree, 1000)
+    state = steps.create_state(variables, tx, jax.random.PRNGKey(0))
+    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels_tree, bn_train=False))
+    batch_ = {"image": x, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+    train = fn.lower(state, batch_).compile().cost_analysis()
+    return {"eval": fwd["flops"] / batch, "phase2": train["flops"] / batch}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50", choices=models.names())
+    parser.add_argument("--image-size", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
+    parser.add_argument("--compare", choices=["keras"], default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="steps per measurement (x20 for the fast phases)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+
+    systems = {"tljax": tljax_steps(args.model, args.image_size, args.batch_size, args.dtype)}
+    folder = tempfile.mkdtemp(prefix="tljax-bench-")
+    write_jpegs(folder)
+    systems["tljax"]["pipeline"] = pipeline_step(args.image_size, args.batch_size, folder)
+    if args.compare == "keras":
+        if args.model not in KERAS_MODELS:
+            parser.error(f"Keras Applications has no {args.model}")
+        systems["keras"] = keras_steps(args.model, args.image_size, args.batch_size)
+    results = measure(systems, args.batch_size, args.rounds, args.steps)
+
+    flops = _flops_per_image(args.model, args.image_size, args.batch_size, args.dtype)
+    ours = {p: v["images_per_s"] for p, v in results["tljax"].items()}
+    ratios = {"phase1_vs_phase2": ours["phase1"] / ours["phase2"],
+              "pipeline_vs_phase2": ours["pipeline"] / ours["phase2"]}
+    if "keras" in results:
+        theirs = {p: v["images_per_s"] for p, v in results["keras"].items()}
+        ratios.update({"eval_vs_keras": ours["eval"] / theirs["eval"],
+                       "phase1_vs_keras": ours["phase1"] / theirs["phase1"],
+                       "phase1_cached_vs_keras_phase1": ours["phase1_cached"] / theirs["phase1"],
+                       "phase2_vs_keras": ours["phase2"] / theirs["phase2"]})
+    report = {"setup": {**vars(args), "devices": str(jax.devices()), "flops_per_image": flops,
+                        "limit_gflops": LIMIT_GFLOPS}, **results, "ratios": ratios}
+
+    print(f"\n{args.model} {args.image_size}px batch {args.batch_size} {args.dtype} (images/s, median [min-max])")
+    for system, phases in results.items():
+        for phase, v in phases.items():
+            gflops = {"eval": flops["eval"], "phase2": flops["phase2"]}.get(phase)
+            share = f"  {100 * v['images_per_s'] * gflops / 1e9 / LIMIT_GFLOPS:4.1f}% of limit" if gflops else ""
+            print(f"  {system:6s} {phase:14s} {v['images_per_s']:9.2f}  [{v['min']:.2f}-{v['max']:.2f}]"
+                  f"  compile {v['compile_s']:5.1f} s{share}")
+    for name, value in ratios.items():
+        print(f"  {name:30s} {value:8.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

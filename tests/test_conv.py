@@ -1,0 +1,53 @@
+"""The fast convolution forms give XLA's numbers: values and gradients, every padding convention and stride."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tljax.models import conv
+
+CASES = [  # (size, channels in, kernel, stride, padding, groups == channels: depthwise)
+    (8, 6, 1, 1, 0, False), (9, 6, 1, 2, 0, False), (8, 6, 1, 2, "SAME", False),
+    (8, 5, 3, 1, 1, True), (9, 5, 3, 2, "SAME", True), (8, 5, 3, 2, "SAME", True), (10, 4, 5, 1, 2, True),
+    (7, 4, 3, 2, 1, True), (8, 4, 5, 2, "SAME", True), (11, 3, 5, 2, ((1, 3), (2, 2)), True),
+]
+
+
+def _run(mode, monkeypatch, x, w, stride, padding, groups):
+    monkeypatch.setenv("TLJAX_CONV", mode)
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(conv.conv2d(x, w, stride, padding, groups)))
+
+    return conv.conv2d(x, w, stride, padding, groups), jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+@pytest.mark.parametrize("size, cin, k, stride, padding, depthwise", CASES)
+def test_fast_forms_match_xla(monkeypatch, size, cin, k, stride, padding, depthwise):
+    rng = np.random.default_rng(size * k + stride)
+    x = jnp.asarray(rng.normal(size=(2, size, size, cin)), jnp.float32)
+    cout, groups = (cin, cin) if depthwise else (7, 1)
+    w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)), jnp.float32)
+    native, native_grads = _run("native", monkeypatch, x, w, stride, padding, groups)
+    fast, fast_grads = _run("fast", monkeypatch, x, w, stride, padding, groups)
+    assert fast.shape == native.shape
+    np.testing.assert_allclose(fast, native, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_grads, native_grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_in_bfloat16_accumulates_in_float32(monkeypatch):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 12, 12, 8)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(5, 5, 1, 8)), jnp.bfloat16)
+    fast, _ = _run("fast", monkeypatch, x, w, 1, 2, 8)
+    reference = conv.conv2d(x.astype(jnp.float32), w.astype(jnp.float32), 1, 2, 8)
+    assert fast.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(fast, np.float32), reference, rtol=2e-2, atol=5e-2)
+
+
+def test_unknown_mode_is_refused(monkeypatch):
+    monkeypatch.setenv("TLJAX_CONV", "cudnn")
+    with pytest.raises(ValueError, match="TLJAX_CONV"):
+        conv.conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 3)))
