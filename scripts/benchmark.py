@@ -7,8 +7,9 @@ features, the phase-2 step (everything trains, BatchNorm in inference mode) and 
 random-resized crop, flip, normalize on a generated folder of photos-sized JPEGs); with `--compare keras`, the
 same phases in Keras (`base.trainable = False` / `True`, `train_on_batch`, `predict_on_batch`). Rounds interleave
 every measurement (A B A B ...), the first call of each (compilation) is timed separately and excluded, and each
-figure is the median of the rounds with its min-max. Numbers depend on what else the machine is doing: compare
-ratios from one run, not figures across runs.
+figure is the median of the rounds with its min-max. The eval and phase-2 rates are also given as a share of this
+machine's best matmul rate (measured at the end), using XLA's own FLOP count of each compiled step. Numbers depend
+on what else the machine is doing: compare ratios from one run, not figures across runs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from tljax import data, models, optim, steps  # noqa: E402
 from tljax import config as config_lib  # noqa: E402
 from tljax.pretrained.prep import TORCHVISION  # noqa: E402
 
-LIMIT_GFLOPS = 248.0  # the best float32 matmul rate measured on the project's 2-core machine
 KERAS_MODELS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152", "vgg16": "VGG16",
                 **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)}}
 CLASSES = 10
@@ -57,7 +57,7 @@ def _random_variables(model: Any, size: int) -> dict:
 def tljax_steps(name: str, size: int, batch: int, dtype: str) -> dict[str, tuple[Callable, Any]]:
     """Each phase as (step function, initial carry); calling step(carry) returns the next carry."""
     model = models.create(name, CLASSES, dtype=dtype)
-    variables = _random_variables(model, size)
+    variables = jax.device_put(_random_variables(model, size))
     rng = np.random.default_rng(1)
     images = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, CLASSES, batch).astype(np.int32)
@@ -169,6 +169,15 @@ def measure(systems: dict[str, dict[str, tuple[Callable, Any]]], batch: int, rou
     return results
 
 
+def matmul_limit_gflops(dtype: str) -> float:
+    """The machine's best dense matmul rate (GFLOP/s) in `dtype`: the ceiling for convolution-heavy models."""
+    a = jnp.ones((2048, 2048), models.DTYPES[dtype])
+    dot = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
+    dot(a).block_until_ready()
+    best = min(_time(lambda c: dot(a), None, 3)[0] / 3 for _ in range(3))
+    return 2 * 2048**3 / best / 1e9
+
+
 def _flops_per_image(name: str, size: int, batch: int, dtype: str) -> dict[str, float]:
     """XLA's own FLOP counts of the compiled eval forward and phase-2 step, per image."""
     model = models.create(name, CLASSES, dtype=dtype)
@@ -207,6 +216,7 @@ def main() -> None:
     results = measure(systems, args.batch_size, args.rounds, args.steps)
 
     flops = _flops_per_image(args.model, args.image_size, args.batch_size, args.dtype)
+    limit = matmul_limit_gflops(args.dtype)
     ours = {p: v["images_per_s"] for p, v in results["tljax"].items()}
     ratios = {"phase1_vs_phase2": ours["phase1"] / ours["phase2"],
               "pipeline_vs_phase2": ours["pipeline"] / ours["phase2"]}
@@ -217,13 +227,14 @@ def main() -> None:
                        "phase1_cached_vs_keras_phase1": ours["phase1_cached"] / theirs["phase1"],
                        "phase2_vs_keras": ours["phase2"] / theirs["phase2"]})
     report = {"setup": {**vars(args), "devices": str(jax.devices()), "flops_per_image": flops,
-                        "limit_gflops": LIMIT_GFLOPS}, **results, "ratios": ratios}
+                        "limit_gflops": limit}, **results, "ratios": ratios}
 
-    print(f"\n{args.model} {args.image_size}px batch {args.batch_size} {args.dtype} (images/s, median [min-max])")
+    print(f"\n{args.model} {args.image_size}px batch {args.batch_size} {args.dtype} (images/s, median [min-max]); "
+          f"limit: {limit:.0f} GFLOP/s ({args.dtype} matmul on this machine)")
     for system, phases in results.items():
         for phase, v in phases.items():
             gflops = {"eval": flops["eval"], "phase2": flops["phase2"]}.get(phase)
-            share = f"  {100 * v['images_per_s'] * gflops / 1e9 / LIMIT_GFLOPS:4.1f}% of limit" if gflops else ""
+            share = f"  {100 * v['images_per_s'] * gflops / 1e9 / limit:4.1f}% of limit" if gflops else ""
             print(f"  {system:6s} {phase:14s} {v['images_per_s']:9.2f}  [{v['min']:.2f}-{v['max']:.2f}]"
                   f"  compile {v['compile_s']:5.1f} s{share}")
     for name, value in ratios.items():

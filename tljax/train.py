@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import signal
+import time
 from typing import Any, Iterator
 
 import jax
@@ -154,11 +155,18 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
         avg = metrics.averages(epoch_sums)
         progress.update(step_done, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
 
+    clock = [time.perf_counter(), 0]  # start of the timed stretch of this epoch, images trained since
     for s in range(start, total):
         epoch, b = divmod(s, spe)
         if b == 0 or s == start:
             batches = (cache or ds).train(offset + epoch, start_step=b)
+            clock = [time.perf_counter(), 0]
         state, sums = train_fn(state, par.put_batch(next(batches)))
+        if s == start:  # the phase's first step compiles: keep it out of the images/s figure
+            jax.block_until_ready(sums)
+            clock = [time.perf_counter(), 0]
+        else:
+            clock[1] += ds.batch_size
         if pending is not None:
             collect(*pending)  # the previous step's metrics: fetching them does not wait for this step
         pending = (sums, s + 1)
@@ -167,7 +175,8 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
             collect(*pending)
             pending = None
         if end_of_epoch:
-            _end_epoch(run, k, state, epoch_sums, s + 1, meta, cache)
+            rate = clock[1] / (time.perf_counter() - clock[0]) if clock[1] else None
+            _end_epoch(run, k, state, epoch_sums, s + 1, meta, cache, rate)
             epoch_sums = None
         if ((s + 1) % cfg.checkpoint_every_steps == 0 and s + 1 < total) or run.preempted[0]:
             position = {"epoch": offset + (s + 1) // spe, "batch": (s + 1) % spe}
@@ -182,12 +191,18 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
 
 
 def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, meta: dict[str, Any],
-               cache: FeatureCache | None) -> None:
-    """Validation after an epoch; appends to the history kept in the checkpoint meta."""
+               cache: FeatureCache | None, images_per_s: float | None) -> None:
+    """Validation after an epoch; appends to the history kept in the checkpoint meta.
+
+    images_per_s: the epoch's training throughput (global images per second, the phase's compilation excluded;
+    None when the epoch had no step besides the compiling one).
+    """
     val, _ = evaluate(run, state, "val", cache=cache)
     train = metrics.averages(epoch_sums)
     entry = {"phase": k, "phase_step": phase_step, **{f"train_{m}": v for m, v in train.items()},
              **{f"val_{m}": v for m, v in val.items()}}
+    if images_per_s is not None:
+        entry["train_images_per_s"] = images_per_s
     meta["history"].append(entry)
     step = int(np.asarray(jax.device_get(run.par.get_state(state).step)))
     run.writer.write(step, {key: v for key, v in entry.items() if key not in ("phase", "phase_step")},

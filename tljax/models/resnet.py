@@ -75,7 +75,7 @@ class ResNet(nn.Module):
         x = Conv(self.width, 7, strides=2, padding=3, use_bias=keras, dtype=self.dtype, name="stem_conv")(x)
         x = nn.relu(batch_norm(train, 1.001e-5 if keras else 1e-5, "stem_bn", self.bn_axis_name)(x)).astype(self.dtype)
         # PyTorch pads the max-pool with -inf, Keras with zeros; after the ReLU both give the same maxima.
-        x = max_pool(x, padding=((1, 1), (1, 1)))
+        x = max_pool(x, ((1, 1), (1, 1)))
         for s, size in enumerate(self.stage_sizes):
             for b in range(size):
                 strides = 2 if s > 0 and b == 0 else 1
