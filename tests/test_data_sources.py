@@ -182,3 +182,17 @@ def test_prepared_tfds_data_set_is_read_from_data_dir_with_carved_validation(tmp
     np.testing.assert_array_equal(batch["image"][..., 0], batch["image"][..., 2])  # grayscale -> RGB
     with pytest.raises(SourceError, match="split 'validation' .* cannot be read"):
         sources.load("dummy_mnist", data_dir=str(tmp_path), specs={"val": "validation"})
+
+
+def test_download_without_a_network_fails_fast(tmp_path, monkeypatch):
+    def no_download(*args, **kwargs):
+        raise AssertionError("tried to download")
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", no_download)
+    monkeypatch.setattr(sources.socket, "create_connection", offline)
+    with pytest.raises(SourceError) as error:
+        sources.load("tf_flowers", data_dir=str(tmp_path), download=True)
+    assert "no connection" in str(error.value) and "folder:" in str(error.value)

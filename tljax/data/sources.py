@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 import pickle
 import re
+import socket
 import zlib
 from pathlib import Path
 
@@ -263,6 +264,15 @@ def _not_prepared(name: str, data_dir: str) -> SourceError:
     )
 
 
+def _require_network(name: str, data_dir: str, host: str = "storage.googleapis.com") -> None:
+    """Fails within seconds when the machine is offline (tfds would retry its downloads for minutes)."""
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise SourceError(f"cannot download {name!r}: no connection to {host} ({e}). "
+                          + str(_not_prepared(name, data_dir))) from e
+
+
 def tfds_source(name: str, data_dir: str, download: bool, specs: dict[str, str], val_percent: int,
                 test_percent: int) -> Source:
     """A tensorflow-datasets image-classification data set, read from `data_dir` into memory as encoded images.
@@ -277,6 +287,7 @@ def tfds_source(name: str, data_dir: str, download: bool, specs: dict[str, str],
         raise SourceError(f"unknown data source {name!r}: not a tfds name, 'animal_mnist', or "
                           f"'{FOLDER_PREFIX}/path/to/root'") from e
     if download and not builder.is_prepared():
+        _require_network(name, str(builder.data_dir_root))
         builder.download_and_prepare()
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     specs = _with_auto(specs, set(builder.info.splits), val_percent, test_percent)
