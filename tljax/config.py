@@ -87,7 +87,14 @@ def _unknown_fields(actual: Any, reference: Any, where: str) -> list[str]:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming every problem found; cheap (nothing is built or compiled)."""
+    """Raises data.ConfigError naming the problems found; cheap (nothing is read, built or compiled)."""
+    try:
+        _check(cfg)
+    except ValueError as e:
+        raise data.ConfigError(str(e)) from None
+
+
+def _check(cfg: ml_collections.ConfigDict) -> None:
     reference = defaults()
     errors = _unknown_fields(cfg, reference, "config")
     if not cfg.get("phases"):

@@ -12,7 +12,12 @@ import logging as logging_std
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tljax import parallel, train
+from tljax import checkpoint, data, parallel, pretrained, train
+
+# Errors about the user's input (config, data, weights, workdir) or a diverged run; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (data.ConfigError, data.SourceError, pretrained.WeightsFileError, pretrained.WeightsMismatchError,
+               pretrained.WeightsUnavailableError, checkpoint.CheckpointMismatchError, train.TrainingDivergedError)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, summary and plots.")
@@ -30,7 +35,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(_quiet_libraries)
     parallel.initialize_distributed()
-    summary = train.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = train.run(_CONFIG.value, _WORKDIR.value)
+    except USER_ERRORS as e:  # bad input: the message says what to do; a traceback would only bury it
+        raise SystemExit(f"{type(e).__name__}: {e}") from None
     if summary is not None:
         logging.info("summary: %s", json.dumps(summary))
         print(json.dumps({k: summary[k] for k in ("test_accuracy", "test_loss")}))

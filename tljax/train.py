@@ -136,7 +136,7 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
     cache = None
     if phase.cache_features:
         if bn_train or any(label == "backbone" for label in jax.tree.leaves(labels)):
-            raise ValueError(f"phase {phase.name!r}: cache_features needs the whole backbone frozen (bn='frozen' "
+            raise data.ConfigError(f"phase {phase.name!r}: cache_features needs the whole backbone frozen (bn='frozen' "
                              f"and a trainable pattern that matches no backbone parameter, not {phase.trainable!r})")
         cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"))
     fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train,

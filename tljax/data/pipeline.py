@@ -37,7 +37,7 @@ SPLITS = ("train", "val", "test")
 
 
 class ConfigError(ValueError):
-    """A data config that cannot work, reported before any data is read."""
+    """A config that cannot work, reported before any data is read or anything compiles."""
 
 
 class CorruptImageError(SourceError):
