@@ -112,6 +112,7 @@ def plot_learning_curves(path: str, history: Sequence[dict[str, Any]], phase_nam
             ax.axvline(i + 0.5, color="gray", linestyle="--", linewidth=0.8)
             ax.text(i + 0.6, ax.get_ylim()[1], phase_names[history[i]["phase"]], va="top", fontsize=8)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel(metric)
         ax.legend()
         ax.grid(alpha=0.3)

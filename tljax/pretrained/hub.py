@@ -268,7 +268,7 @@ def resolve(source: str | os.PathLike, model: str) -> tuple[Path, KnownWeights |
             raise WeightsFileError(f"weights file {path} does not exist")
         close = difflib.get_close_matches(name, KNOWN, n=3, cutoff=0.6)
         for_model = [n for n, k in KNOWN.items() if k.model == model]
-        raise ValueError(
+        raise WeightsFileError(
             f"{name!r} is neither an existing file nor a known weight name."
             + (f" Did you mean {' or '.join(close)}?" if close else "")
             + (f" Known weights for {model}: {', '.join(for_model)}." if for_model else "")
@@ -276,5 +276,5 @@ def resolve(source: str | os.PathLike, model: str) -> tuple[Path, KnownWeights |
             " or --config.model.weights=/path/to/weights.pth"
         )
     if known.model != model:
-        raise ValueError(f"{name} holds {known.model} weights, not {model}")
+        raise WeightsFileError(f"{name} holds {known.model} weights, not {model}")
     return fetch(name), known
