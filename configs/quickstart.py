@@ -8,7 +8,8 @@ silhouettes upscaled to 112x112.
   * phase 1 "head": a new 10-way head on the frozen backbone; the backbone runs once per image (cached features);
   * phase 2 "finetune": the last stage, the head convolution and the head, at a 10x smaller learning rate, with the
     backbone's BatchNorm kept in inference mode.
-Expected on 2 CPU cores: about 4 minutes; test accuracy about 0.90 (the same network from random weights: ~0.4).
+Expected on 2 CPU cores: about a minute; test accuracy about 0.95 (measured 0.947; with model.dtype="bfloat16"
+0.944; the same recipe from random weights 0.10, chance).
 """
 
 from tljax import config
