@@ -51,3 +51,18 @@ def test_unknown_mode_is_refused(monkeypatch):
     monkeypatch.setenv("TLJAX_CONV", "cudnn")
     with pytest.raises(ValueError, match="TLJAX_CONV"):
         conv.conv2d(jnp.zeros((1, 4, 4, 2)), jnp.zeros((1, 1, 2, 3)))
+
+
+@pytest.mark.parametrize("size", [(9, 10), (8, 8)])
+def test_max_pool_matches_reduce_window_with_its_fast_gradient(size):
+    from tljax.models.layers import max_pool
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, *size, 3)), jnp.float32)
+    padding = ((1, 1), (1, 1))
+
+    def reference(y):
+        return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), *padding, (0, 0)))
+
+    np.testing.assert_array_equal(max_pool(x, padding), reference(x))
+    grads = [jax.grad(lambda y, f=f: jnp.sum(jnp.sin(f(y))))(x) for f in (lambda y: max_pool(y, padding), reference)]
+    np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
