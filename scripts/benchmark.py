@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tljax import data, models, optim, steps  # noqa: E402
+from tljax import data, models, optim, parallel, steps  # noqa: E402
 from tljax import config as config_lib  # noqa: E402
 from tljax.pretrained.prep import TORCHVISION  # noqa: E402
 
@@ -64,16 +64,19 @@ def tljax_steps(name: str, size: int, batch: int, dtype: str) -> dict[str, tuple
     features = jax.jit(functools.partial(model.apply, method="features"))(variables, images[:1])
     batches = {"image": {"image": images, "label": labels},
                "features": {"features": np.repeat(np.asarray(features), batch, 0), "label": labels}}
+    micro = parallel.micro_batches(batch)
     out = {}
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
-    out["eval"] = (lambda carry: forward(variables, images), None)
+    evaluate = jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=micro))
+    eval_state = steps.TrainState(0, variables["params"], variables["batch_stats"], None, None)
+    eval_batch = {"image": images, "label": labels, "mask": np.ones(batch, np.float32)}
+    out["eval"] = (lambda carry: evaluate(eval_state, eval_batch), None)
     for phase, trainable, on_features in (("phase1", "^head/", False), ("phase1_cached", "^head/", True),
                                           ("phase2", ".", False)):
         cfg = config_lib.phase(trainable=trainable)
         labels_tree = optim.param_labels(variables["params"], trainable)
         tx = optim.build(cfg, labels_tree, 1000)
         fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels_tree, bn_train=False,
-                                       on_features=on_features), donate_argnums=0)
+                                       on_features=on_features, micro_batches=micro), donate_argnums=0)
         batch_ = batches["features" if on_features else "image"]
         state = steps.create_state(jax.tree.map(np.copy, variables), tx, jax.random.PRNGKey(0))
         out[phase] = (lambda carry, fn=fn, b=batch_: fn(carry, b)[0], state)

@@ -7,7 +7,6 @@ import struct
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tests.test_data_sources import write_folder, write_image
 from tljax import data

@@ -285,7 +285,8 @@ def _torchvision_replica(backbone: efficientnet.EfficientNet, classes: int):
 @pytest.fixture(scope="module")
 def torchvision_b0():
     pytest.importorskip("torch")
-    return _torch_reference().calibrate_batchnorm(_torchvision_replica(models.create("efficientnet_b0", 1).backbone, 10))
+    replica = _torchvision_replica(models.create("efficientnet_b0", 1).backbone, 10)
+    return _torch_reference().calibrate_batchnorm(replica)
 
 
 def test_torchvision_matches_pytorch_replica(tmp_path, images, torchvision_b0):

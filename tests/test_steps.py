@@ -101,3 +101,30 @@ def test_misspelt_config_field_is_named():
         config_lib.validate(cfg)
     assert "config.phases[1].lerning_rate" in str(e.value) and "config.data.batchsize" in str(e.value)
     assert "batch_size" in str(e.value)
+
+
+def test_micro_batched_backbone_gives_the_numbers_of_one_pass():
+    """Inference-mode BatchNorm treats examples independently: slicing the batch changes nothing but speed."""
+    variables, labels, state, _ = _setup(".")
+    model = models.create("resnet_tiny", 5)
+    tx = optim.build(config_lib.phase(trainable="."), labels, phase_steps=10)
+    states = []
+    for micro in (1, 4):
+        fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels, bn_train=False,
+                                       micro_batches=micro))
+        s = steps.create_state(variables, tx, jax.random.PRNGKey(1))
+        for seed in range(2):
+            s, _ = fn(s, _batch(seed))
+        states.append(jax.device_get(s.params))
+    for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    batch = {**_batch(0), "mask": np.ones(8, np.float32)}
+    evals = [jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=m))(state, batch)[0]["loss"]
+             for m in (1, 2)]
+    np.testing.assert_allclose(evals[0], evals[1], rtol=1e-6)
+
+
+def test_micro_batches_divide_the_batch_on_cpu():
+    from tljax import parallel
+
+    assert [parallel.micro_batches(n) for n in (32, 64, 12, 8, 6)] == [4, 8, 1, 1, 1]

@@ -35,7 +35,8 @@ def images():
     """Two unlike images: noise, and a smooth colour gradient (noise alone averages out in the pooled features)."""
     noise = np.random.default_rng(1).uniform(0, 255, (224, 224, 3))
     ramp = np.linspace(0, 255, 224)
-    gradient = np.stack([ramp[:, None] + 0 * ramp, ramp[None, :] + 0 * ramp[:, None], 255 - ramp[:, None] + 0 * ramp], -1)
+    rows, cols = np.meshgrid(ramp, ramp, indexing="ij")
+    gradient = np.stack([rows, cols, 255 - rows], -1)
     return np.stack([noise, gradient]).astype("float32")
 
 

@@ -88,7 +88,8 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], directory: st
     """Raises CheckpointMismatchError listing every identity field that differs."""
     saved = json.loads(json.dumps(saved))
     current = json.loads(json.dumps(current))
-    diffs = [f"  {k}: checkpoint {saved.get(k)!r}, config {current[k]!r}" for k in current if saved.get(k) != current[k]]
+    diffs = [f"  {k}: checkpoint {saved.get(k)!r}, config {current[k]!r}"
+             for k in current if saved.get(k) != current[k]]
     if diffs:
         raise CheckpointMismatchError(
             f"the checkpoints in {directory} belong to another model or config:\n" + "\n".join(diffs)

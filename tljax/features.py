@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from tljax import steps
+from tljax import parallel, steps
 from tljax.data import pipeline
 
 IN_MEMORY_BYTES = 2**30  # larger feature arrays go to a memory-mapped file
@@ -27,7 +27,9 @@ class FeatureCache:
 
     def __init__(self, data: pipeline.InputPipeline, par: Any, state: Any, model: Any, directory: str) -> None:
         self.data, self.directory = data, directory
-        extract = par.compile(functools.partial(steps.feature_step, model=model), donate=False)
+        per_device = data.eval_batch_size // jax.device_count()
+        extract = par.compile(functools.partial(steps.feature_step, model=model,
+                                                micro_batches=parallel.micro_batches(per_device)), donate=False)
         self.features: dict[str, np.ndarray] = {}
         self.labels: dict[str, np.ndarray] = {}
         for split in ("train", "val"):

@@ -47,7 +47,7 @@ class Writer:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drops lines past `step` (left by a run that died after its last checkpoint), so a resume adds no duplicates."""
+        """Drops lines past `step` (left by a run that died after its last checkpoint): a resume adds no duplicates."""
         if not self.active or not os.path.exists(self.path):
             return
         with open(self.path) as f:

@@ -99,7 +99,8 @@ def validate(phase: ml_collections.ConfigDict) -> None:
     try:
         re.compile(phase.trainable)
     except re.error as e:
-        raise ValueError(f"phase {phase.name!r}: trainable {phase.trainable!r} is not a regular expression: {e}") from None
+        raise ValueError(f"phase {phase.name!r}: trainable {phase.trainable!r} is not a regular expression: "
+                         f"{e}") from None
 
 
 def build(phase: ml_collections.ConfigDict, labels: PyTree, phase_steps: int) -> optax.GradientTransformation:

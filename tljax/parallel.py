@@ -88,6 +88,18 @@ class Jit:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def micro_batches(per_device_batch: int, examples: int = 8) -> int:
+    """Independent slices for an inference-mode backbone pass (`steps.backbone_features`) on this backend.
+
+    On CPU, slices of `examples` examples (at most 8 slices, dividing the batch evenly) let XLA overlap operations
+    across the cores; accelerators run one large batch best, so 1 there.
+    """
+    if jax.default_backend() != "cpu":
+        return 1
+    return max((k for k in range(1, 9) if per_device_batch % k == 0 and per_device_batch // k >= examples),
+               default=1)
+
+
 def initialize_distributed() -> None:
     """Joins a multi-process run when the environment describes one; a no-op for a single process.
 

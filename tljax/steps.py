@@ -55,6 +55,22 @@ def _metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[
     }
 
 
+def _loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+def backbone_features(model: nn.Module, variables: dict, images: jax.Array, micro_batches: int = 1) -> jax.Array:
+    """The backbone's features in inference mode, computed on `micro_batches` independent slices of the batch.
+
+    Inference-mode BatchNorm treats every example on its own, so the numbers are those of one pass; on CPU, XLA
+    overlaps the slices' operations across the cores (measured on 2 cores, batch 32 in 4 slices: ResNet-50
+    forward +14% and fine-tuning step +19%, EfficientNet-B0 forward +24%). See `parallel.micro_batches`.
+    """
+    if micro_batches == 1:
+        return model.apply(variables, images, method="features")
+    return jnp.concatenate([model.apply(variables, x, method="features") for x in jnp.split(images, micro_batches)])
+
+
 def _reduce(tree: PyTree, axis_name: str | None, op=jax.lax.psum) -> PyTree:
     return tree if axis_name is None else op(tree, axis_name)
 
@@ -68,6 +84,7 @@ def train_step(
     labels: PyTree,
     bn_train: bool,
     on_features: bool = False,
+    micro_batches: int = 1,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch {"image", "label"}; returns the new state and the batch's metric sums.
@@ -76,6 +93,7 @@ def train_step(
     statistics, updated running statistics, stochastic depth); otherwise in inference mode while the head trains.
     on_features: the batch holds cached backbone features {"features", "label"}: only the head runs (the same
     numbers as the image path with a frozen backbone in inference mode).
+    micro_batches: slices the inference-mode backbone runs on independently (see `backbone_features`).
     axis_name: the pmap axis to average gradients and statistics over (None under jit / one device).
     """
     rng = jax.random.fold_in(state.rng, state.step)
@@ -85,18 +103,14 @@ def train_step(
 
     def loss_fn(trainable_params):
         variables = {"params": optim.merge(trainable_params, frozen), "batch_stats": state.batch_stats}
-        if on_features:
-            logits = model.apply(variables, batch["features"], train=True, method="classify", rngs={"dropout": rng})
-            batch_stats = state.batch_stats
-        elif bn_train:
+        if bn_train:
             logits, updated = model.apply(variables, batch["image"], train=True, backbone_train=True,
                                           rngs={"dropout": rng}, mutable=["batch_stats"])
-            batch_stats = updated["batch_stats"]
-        else:
-            logits = model.apply(variables, batch["image"], train=True, backbone_train=False, rngs={"dropout": rng})
-            batch_stats = state.batch_stats
-        loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
-        return loss, (logits, batch_stats)
+            return _loss(logits, batch["label"]), (logits, updated["batch_stats"])
+        features = batch["features"] if on_features else backbone_features(model, variables, batch["image"],
+                                                                             micro_batches)
+        logits = model.apply(variables, features, train=True, method="classify", rngs={"dropout": rng})
+        return _loss(logits, batch["label"]), (logits, state.batch_stats)
 
     (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = _reduce(grads, axis_name, jax.lax.pmean)
@@ -117,20 +131,19 @@ def train_step(
 
 def eval_step(
     state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, on_features: bool = False,
-    axis_name: str | None = None,
+    micro_batches: int = 1, axis_name: str | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """Inference on a padded batch {"image" or "features", "label", "mask"}: (metric sums over real examples,
     predictions)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    if on_features:
-        logits = model.apply(variables, batch["features"], train=False, method="classify")
-    else:
-        logits = model.apply(variables, batch["image"], train=False)
+    features = batch["features"] if on_features else backbone_features(model, variables, batch["image"],
+                                                                         micro_batches)
+    logits = model.apply(variables, features, train=False, method="classify")
     return _reduce(_metric_sums(logits, batch["label"], batch["mask"]), axis_name), jnp.argmax(logits, -1)
 
 
-def feature_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+def feature_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, micro_batches: int = 1,
                  axis_name: str | None = None) -> jax.Array:
     """The backbone's pooled features of a batch of images, in inference mode (for caching)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return model.apply(variables, batch["image"], train=False, method="features")
+    return backbone_features(model, variables, batch["image"], micro_batches)

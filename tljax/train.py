@@ -67,8 +67,8 @@ def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dic
         model, variables = weights.build(ds.num_classes, seed=cfg.seed)
     else:
         model = models.create(cfg.model.name, ds.num_classes, **kwargs)
-        shape = (1, cfg.data.image_size, cfg.data.image_size, 3)
-        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(cfg.seed), np.zeros(shape, np.float32))
+        image = np.zeros((1, cfg.data.image_size, cfg.data.image_size, 3), np.float32)
+        variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(cfg.seed), image)
     return model, jax.device_get(variables), prep, ds
 
 
@@ -140,7 +140,8 @@ def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any],
                              f"and a trainable pattern that matches no backbone parameter, not {phase.trainable!r})")
         cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"))
     fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train,
-                           on_features=cache is not None)
+                           on_features=cache is not None,
+                           micro_batches=parallel.micro_batches(ds.batch_size // jax.device_count()))
     train_fn = par.compile(fn, donate=True)
     batches: Iterator[dict] = iter(())
     progress = metrics.Progress(f"phase {k + 1}/{len(cfg.phases)} {phase.name}", total, start, run.is_main)
@@ -218,8 +219,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
     is_main = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     identity = checkpoint.identity(cfg, variables["params"])
-    eval_fns = [par.compile(functools.partial(steps.eval_step, model=model, on_features=f), donate=False)
-                for f in (False, True)]
+    micro = parallel.micro_batches(ds.eval_batch_size // jax.device_count())
+    eval_fns = [par.compile(functools.partial(steps.eval_step, model=model, on_features=f, micro_batches=micro),
+                            donate=False) for f in (False, True)]
     run_ = Run(cfg, workdir, model, ds, par, ckpt, metrics.Writer(workdir, is_main), identity, is_main, *eval_fns)
     if is_main:
         with open(os.path.join(workdir, "prep.json"), "w") as f:

@@ -82,7 +82,8 @@ def _keras3_to_keras(arrays: dict[str, np.ndarray], family: str, name: str, crea
     renamed = keras3_names(keras.layers(probe.backbone))
     unknown = sorted(k for k in arrays if k.split("/")[0] not in renamed)
     if unknown:
-        raise WeightsMismatchError(f"{path}: Keras 3 layers with no counterpart in Keras's {name}: {', '.join(unknown[:20])}")
+        raise WeightsMismatchError(
+            f"{path}: Keras 3 layers with no counterpart in Keras's {name}: {', '.join(unknown[:20])}")
     return {f"{renamed[k.split('/')[0]]}/{k.split('/')[1]}": v for k, v in arrays.items()}
 
 
