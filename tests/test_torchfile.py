@@ -156,15 +156,20 @@ def test_real_legacy_lite0_file_matches_torch_load(torch, lite0_file):
         assert_identical(arrays[name], as_numpy(torch, tensor))
 
 
-def test_truncated_zip_file(torch, tmp_path):
-    whole = save(torch, {"w": torch.randn(64, 64)}, tmp_path / "whole.pth", "zip").read_bytes()
-    for cut in (len(whole) // 3, len(whole) - 30):
-        path = tmp_path / f"cut{cut}.pth"
+def assert_truncations_refused(whole: bytes, cuts, folder) -> None:
+    """Each prefix of `whole` is refused by torchfile and by readers, naming the file."""
+    for cut in cuts:
+        path = folder / f"cut{cut}.pth"
         path.write_bytes(whole[:cut])
         with pytest.raises(TorchFileError, match=path.name):
             torchfile.load(path)
         with pytest.raises(readers.WeightsFileError, match=str(path)):
             readers.read(path)
+
+
+def test_truncated_zip_file(torch, tmp_path):
+    whole = save(torch, {"w": torch.randn(64, 64)}, tmp_path / "whole.pth", "zip").read_bytes()
+    assert_truncations_refused(whole, (len(whole) // 3, len(whole) - 30), tmp_path)
 
 
 # --- torch-free ---------------------------------------------------------------------------------------------------
@@ -180,13 +185,7 @@ def test_real_legacy_lite0_file_without_torch(lite0_file):
 
 def test_truncated_legacy_file(lite0_file, tmp_path):
     whole = lite0_file.read_bytes()
-    for cut in (20, 5_000, len(whole) // 2, len(whole) - 1):
-        path = tmp_path / f"lite0_cut{cut}.pth"
-        path.write_bytes(whole[:cut])
-        with pytest.raises(TorchFileError, match=path.name):
-            torchfile.load(path)
-        with pytest.raises(readers.WeightsFileError, match=str(path)):
-            readers.read(path)
+    assert_truncations_refused(whole, (20, 5_000, len(whole) // 2, len(whole) - 1), tmp_path)
 
 
 def test_not_a_torch_file(tmp_path):
