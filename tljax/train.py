@@ -125,19 +125,19 @@ def _save(run: Run, state: Any, meta: dict[str, Any]) -> int:
     return step
 
 
-def _train_phase(run: Run, k: int, state: Any, start: int, meta: dict[str, Any], last_saved: int | None) -> Any:
-    """Runs phase k from step `start` of the phase; returns the final (device) state."""
+def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int, meta: dict[str, Any],
+                 last_saved: int | None) -> Any:
+    """Runs phase k (parameter labels and optimizer given) from step `start` of the phase; returns the final state."""
     cfg, phase, ds, par = run.config, run.config.phases[k], run.data, run.par
     total, spe = phase_steps(phase, ds.steps_per_epoch), ds.steps_per_epoch
     offset = _epoch_offsets(cfg, spe)[k]
-    labels = optim.param_labels(par.get_state(state).params, phase.trainable)
-    tx = optim.build(phase, labels, total)
     bn_train = phase.bn == "train"
     cache = None
     if phase.cache_features:
         if bn_train or any(label == "backbone" for label in jax.tree.leaves(labels)):
-            raise data.ConfigError(f"phase {phase.name!r}: cache_features needs the whole backbone frozen (bn='frozen' "
-                             f"and a trainable pattern that matches no backbone parameter, not {phase.trainable!r})")
+            raise data.ConfigError(f"phase {phase.name!r}: cache_features needs the whole backbone frozen (bn='frozen'"
+                                   f" and a trainable pattern that matches no backbone parameter, not "
+                                   f"{phase.trainable!r})")
         cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"))
     fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train,
                            on_features=cache is not None,
@@ -259,7 +259,8 @@ def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: tuple[i
             continue
         total = phase_steps(phase, ds.steps_per_epoch)
         labels = optim.param_labels(host["params"], phase.trainable)
-        fresh = steps.create_state(host, optim.build(phase, labels, total), rng, step)
+        tx = optim.build(phase, labels, total)
+        fresh = steps.create_state(host, tx, rng, step)
         start = 0
         if latest is not None and k == meta["phase"]:
             fresh = run.ckpt.restore_state(latest[0], fresh)
@@ -267,9 +268,10 @@ def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: tuple[i
             latest = None
         state = run.par.put_state(fresh)
         if start < total:
-            state = _train_phase(run, k, state, start, meta, last_saved)
-            val, _ = evaluate(run, state, "val")
-            result = {"name": phase.name, "steps": total, "val_accuracy": val["accuracy"], "val_loss": val["loss"]}
+            state = _train_phase(run, k, state, labels, tx, start, meta, last_saved)
+            val = meta["history"][-1]  # the phase ends with an epoch's validation
+            result = {"name": phase.name, "steps": total, "val_accuracy": val["val_accuracy"],
+                      "val_loss": val["val_loss"]}
             meta["phase_results"] = meta["phase_results"][:k] + [result]  # a lengthened phase replaces its entry
             last_saved = _save(run, state, {**meta, "phase": k, "phase_step": total})
         host_state = jax.device_get(run.par.get_state(state))
