@@ -8,3 +8,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """(image folder, workdir) of a finished tiny two-phase run that makes mistakes: what the tools after training
+    (predict, evaluate, export, report) start from. Tests must not modify the workdir."""
+    from tests import train_util
+
+    root = tmp_path_factory.mktemp("trained")
+    folder = train_util.image_folder(root / "images", per_class=40, overlap=40)
+    workdir = root / "run"
+    result = train_util.cli(folder, workdir, "--config.phases[0].epochs=1", "--config.phases[1].epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, workdir

@@ -14,8 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.py")
 
 
-def image_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 20) -> Path:
-    """`root/<class>/<i>.png`, classes told apart by brightness, so a tiny model can learn them."""
+def image_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 20, overlap: float = 0.0) -> Path:
+    """`root/<class>/<i>.png`, classes told apart by brightness, so a tiny model can learn them.
+
+    overlap: the standard deviation of each image's brightness around its class's (60 apart): with 30 or more, the
+    classes overlap and a model makes mistakes to show.
+    """
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
@@ -23,7 +27,8 @@ def image_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 
         folder = root / f"class{c}"
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            pixels = np.clip(rng.normal(60 + 60 * c, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            brightness = 60 + 60 * c + (rng.normal(0, overlap) if overlap else 0)
+            pixels = np.clip(rng.normal(brightness, 30, (size, size, 3)), 0, 255).astype(np.uint8)
             tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(pixels))
     return root
 

@@ -54,10 +54,16 @@ def _host(tree: PyTree) -> PyTree:
 
 
 class Checkpointer:
-    """Saves and restores `TrainState` + meta under `directory`, keeping the last `keep` checkpoints."""
+    """Saves and restores `TrainState` + meta under `directory`, keeping the last `keep` checkpoints.
 
-    def __init__(self, directory: str, keep: int) -> None:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    `read_only` opens an existing directory for restoring only (prediction, evaluation, export): nothing is created,
+    written or deleted.
+    """
+
+    def __init__(self, directory: str, keep: int = 1, read_only: bool = False) -> None:
+        options = ocp.CheckpointManagerOptions(max_to_keep=None if read_only else keep, create=not read_only,
+                                               read_only=read_only, save_interval_steps=0 if read_only else 1,
+                                               enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
     def save(self, step: int, state: PyTree, meta: dict[str, Any]) -> None:
@@ -71,8 +77,15 @@ class Checkpointer:
         step = self.manager.latest_step()
         if step is None:
             return None
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        return step, meta
+        return step, self.meta(step)
+
+    def meta(self, step: int) -> dict[str, Any]:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore_variables(self, step: int) -> dict[str, PyTree]:
+        """{"params", "batch_stats"} of checkpoint `step` as host arrays, without needing the optimizer's structure."""
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
 
     def restore_state(self, step: int, target: PyTree) -> PyTree:
         """The saved state, in `target`'s structure (a state of the same phase; its values are not used)."""

@@ -136,10 +136,17 @@ def eval_step(
     """Inference on a padded batch {"image" or "features", "label", "mask"}: (metric sums over real examples,
     predictions)."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    features = batch["features"] if on_features else backbone_features(model, variables, batch["image"],
-                                                                         micro_batches)
-    logits = model.apply(variables, features, train=False, method="classify")
+    if on_features:
+        logits = model.apply(variables, batch["features"], train=False, method="classify")
+    else:
+        logits = predict_logits(variables, batch["image"], model=model, micro_batches=micro_batches)
     return _reduce(_metric_sums(logits, batch["label"], batch["mask"]), axis_name), jnp.argmax(logits, -1)
+
+
+def predict_logits(variables: dict, images: jax.Array, *, model: nn.Module, micro_batches: int = 1) -> jax.Array:
+    """The model's logits for a batch of (normalised) images, in inference mode: what prediction reports."""
+    features = backbone_features(model, variables, images, micro_batches)
+    return model.apply(variables, features, train=False, method="classify")
 
 
 def feature_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module, micro_batches: int = 1,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import signal
@@ -22,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, pretrained, steps
+from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, pretrained, restore, steps
 from tljax.features import FeatureCache
 
 
@@ -48,8 +49,10 @@ class Run:
     preempted: list[bool] = dataclasses.field(default_factory=lambda: [False])
 
 
-def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict, pretrained.Preprocessing, Any]:
-    """Model, initial variables, preprocessing and data, in the order each needs the other."""
+def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict, pretrained.Preprocessing, Any,
+                                                                        dict]:
+    """Model, initial variables, preprocessing, data and the model's description (`restore.MODEL_FILE`), in the
+    order each needs the other."""
     head = cfg.model.head
     kwargs = dict(head_hidden=tuple(head.hidden), head_activation=head.activation, dtype=cfg.model.dtype,
                   head_dropout=None if head.dropout < 0 else head.dropout)
@@ -65,11 +68,14 @@ def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dic
                     process_index=jax.process_index(), process_count=jax.process_count())
     if weights is not None:
         model, variables = weights.build(ds.num_classes, seed=cfg.seed)
+        kwargs = weights.create_kwargs
     else:
         model = models.create(cfg.model.name, ds.num_classes, **kwargs)
         image = np.zeros((1, cfg.data.image_size, cfg.data.image_size, 3), np.float32)
         variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(cfg.seed), image)
-    return model, jax.device_get(variables), prep, ds
+    description = {"name": cfg.model.name, "class_names": list(ds.class_names),
+                   "kwargs": {k: v for k, v in kwargs.items() if k != "bn_axis_name"}}
+    return model, jax.device_get(variables), prep, ds, description
 
 
 def phase_steps(phase: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -215,7 +221,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
     config_lib.validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     par = parallel.create(cfg.parallelism)
-    model, variables, prep, ds = _build_model(cfg, workdir)
+    model, variables, prep, ds, description = _build_model(cfg, workdir)
     is_main = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     identity = checkpoint.identity(cfg, variables["params"])
@@ -228,6 +234,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
             f.write(prep.to_json())
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(cfg.to_json_best_effort(indent=1))
+        with open(os.path.join(workdir, restore.MODEL_FILE), "w") as f:
+            json.dump(description, f, indent=1)
 
     latest = ckpt.latest_meta()
     if latest is not None:

@@ -172,11 +172,17 @@ def load(path: str | os.PathLike, settings: dict[str, Any]) -> Stats | None:
     A mismatch (another source, split, resolution, strategy, scope or prep) is an error rather than a silent
     recomputation: the run in that workdir was trained on inputs normalised with the saved values.
     """
-    with open(path) as f:
-        saved = json.load(f)
+    saved, stats = read(path)
     current = json.loads(json.dumps(settings))
     diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
     if diffs:
         raise ValueError(f"{path} was written for other data settings ({'; '.join(diffs)}); use a fresh workdir, "
                          f"or delete the file to recompute the statistics")
-    return Stats.from_dict(saved["stats"]) if saved.get("stats") else None
+    return stats
+
+
+def read(path: str | os.PathLike) -> tuple[dict[str, Any], Stats | None]:
+    """(settings, per-channel statistics or None) as `save` wrote them: a trained run's normalization, reused as is."""
+    with open(path) as f:
+        saved = json.load(f)
+    return saved, Stats.from_dict(saved["stats"]) if saved.get("stats") else None

@@ -155,6 +155,11 @@ def padded(n: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return indices.reshape(steps, batch), (np.arange(steps * batch) < n).astype(np.float32).reshape(steps, batch)
 
 
+def eval_geometry(cfg: ml_collections.ConfigDict, prep: Any) -> tuple[float, str]:
+    """(crop fraction, resize method) of the evaluation transform: config.data's crop_fraction, else the prep's."""
+    return cfg.crop_fraction or (prep.crop_fraction if prep else 0.875), prep.interpolation if prep else "bilinear"
+
+
 class InputPipeline:
     """A data set's splits as batch iterators for one process; see the module docstring for order and sharding.
 
@@ -176,8 +181,7 @@ class InputPipeline:
         self.eval_batch_size = cfg.eval_batch_size or cfg.batch_size
         self.steps_per_epoch = self.sizes["train"] // self.batch_size
         self.image_size = cfg.image_size
-        self.crop_fraction = cfg.crop_fraction or (prep.crop_fraction if prep else 0.875)
-        self.interpolation = prep.interpolation if prep else "bilinear"
+        self.crop_fraction, self.interpolation = eval_geometry(cfg, prep)
         self.stats: normalize.Stats | None = None
         self._cfg, self._seed = cfg, seed
         self._process, self._processes = process_index, process_count
@@ -291,8 +295,11 @@ class InputPipeline:
 
 
 def _statistics(pipe: InputPipeline, cfg: ml_collections.ConfigDict, prep: Any, workdir: str | None,
-                process_index: int) -> normalize.Stats | None:
+                process_index: int, trained_with: str | None) -> normalize.Stats | None:
     """The training statistics the strategy needs: loaded from workdir if saved there, else computed (and saved).
+
+    `trained_with`: the normalization file of a trained run, whose statistics are used as they are (evaluating that
+    run's model, possibly on other data); nothing is computed or written then.
 
     Every process computes the same statistics itself from the whole train split (no communication); only
     process 0 writes the file. The file also records the settings they depend on (and the prep, for
@@ -306,7 +313,9 @@ def _statistics(pipe: InputPipeline, cfg: ml_collections.ConfigDict, prep: Any, 
                      "train_examples": pipe.sizes["train"], "image_size": pipe.image_size,
                      "crop_fraction": pipe.crop_fraction, "interpolation": pipe.interpolation}
     path = os.path.join(workdir, normalize.FILENAME) if workdir else None
-    if path and os.path.exists(path):
+    if trained_with:
+        stats = normalize.read(trained_with)[1]
+    elif path and os.path.exists(path):
         stats = normalize.load(path, settings)
         logging.info("normalization %s: reusing %s", cfg.normalization, path)
     else:
@@ -326,12 +335,14 @@ def _statistics(pipe: InputPipeline, cfg: ml_collections.ConfigDict, prep: Any, 
 
 
 def build(cfg: ml_collections.ConfigDict, prep: Any = None, *, seed: int = 0, workdir: str | None = None,
-          num_devices: int = 1, process_index: int = 0, process_count: int = 1) -> InputPipeline:
+          num_devices: int = 1, process_index: int = 0, process_count: int = 1,
+          trained_with: str | None = None) -> InputPipeline:
     """Validates `cfg` (config.data), reads the source, resolves normalization, and returns the pipeline.
 
     prep: the loaded weights' `Preprocessing` (resize method, crop fraction, "pretrained" normalization); None
     with random weights. workdir: where normalization.json is saved and reused (None: not saved).
     num_devices / process_index / process_count: jax.device_count(), jax.process_index(), jax.process_count().
+    trained_with: a trained run's normalization.json whose statistics to use unchanged (see `_statistics`).
     """
     _validate(cfg, prep, seed, num_devices, process_index, process_count)
     _keep_tf_off_accelerators()
@@ -349,6 +360,6 @@ def build(cfg: ml_collections.ConfigDict, prep: Any = None, *, seed: int = 0, wo
                           f"fewer than one global batch of {cfg.batch_size}")
     pipe = InputPipeline(cfg, prep, source, seed=seed, process_index=process_index, process_count=process_count,
                          skipped=skipped)
-    stats = _statistics(pipe, cfg, prep, workdir, process_index)
+    stats = _statistics(pipe, cfg, prep, workdir, process_index, trained_with)
     pipe.use_normalization(cfg.normalization, prep, stats)
     return pipe
