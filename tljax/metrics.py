@@ -1,4 +1,4 @@
-"""What a run reports: scalars to TensorBoard and JSON lines, a progress line, summary.json and plots.
+"""What a run reports: scalars to TensorBoard and JSON lines, a progress line, summary.json, classification scores.
 
 Only process 0 writes files; every writer here is a no-op elsewhere. Metric sums from the steps (loss, correct,
 correct5, count) become averages with `averages`.
@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from clu import metric_writers
@@ -89,60 +89,25 @@ class Progress:
         sys.stderr.flush()
 
 
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts [true class, predicted class]; sums to the number of examples."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (np.asarray(labels), np.asarray(predictions)), 1)
+    return matrix
+
+
+def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and support of every class from a confusion matrix (0 where undefined: a class never
+    predicted has precision 0, a class absent from the labels recall 0, as scikit-learn's zero_division=0)."""
+    hits = np.diag(matrix).astype(np.float64)
+    predicted, support = matrix.sum(0), matrix.sum(1)
+    precision = np.divide(hits, predicted, out=np.zeros_like(hits), where=predicted > 0)
+    recall = np.divide(hits, support, out=np.zeros_like(hits), where=support > 0)
+    total = precision + recall
+    f1 = np.divide(2 * precision * recall, total, out=np.zeros_like(hits), where=total > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support}
+
+
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-
-
-def plot_learning_curves(path: str, history: Sequence[dict[str, Any]], phase_names: Sequence[str]) -> None:
-    """Train and validation loss/accuracy per epoch in one figure, a vertical line where each phase begins."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = np.arange(1, len(history) + 1)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for split, style in (("train", "-o"), ("val", "-s")):
-            values = [h.get(f"{split}_{metric}", np.nan) for h in history]
-            ax.plot(epochs, values, style, markersize=3, label=split)
-        starts = [i for i, h in enumerate(history) if i == 0 or h["phase"] != history[i - 1]["phase"]]
-        for i in starts:
-            ax.axvline(i + 0.5, color="gray", linestyle="--", linewidth=0.8)
-            ax.text(i + 0.6, ax.get_ylim()[1], phase_names[history[i]["phase"]], va="top", fontsize=8)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-        ax.set_ylabel(metric)
-        ax.legend()
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_confusion_matrix(path: str, labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> None:
-    """Test-set confusion matrix (rows: true class, columns: predicted), counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    k = len(class_names)
-    matrix = np.zeros((k, k), np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    size = max(4.0, 0.5 * k + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(k), class_names, rotation=90 if k > 10 else 45, ha="right")
-    ax.set_yticks(range(k), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 30:
-        for i in range(k):
-            for j in range(k):
-                color = "white" if matrix[i, j] > matrix.max() / 2 else "black"
-                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=7, color=color)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

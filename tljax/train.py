@@ -23,7 +23,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, pretrained, restore, steps
+from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, plots, pretrained, restore
+from tljax import steps
 from tljax.features import FeatureCache
 
 
@@ -304,10 +305,10 @@ def _finish(run: Run, state: Any, variables: dict, meta: dict[str, Any]) -> dict
     }
     if run.is_main:
         metrics.write_summary(run.workdir, summary)
-        plots = os.path.join(run.workdir, "plots")
-        os.makedirs(plots, exist_ok=True)
-        metrics.plot_learning_curves(os.path.join(plots, "learning_curves.png"), meta["history"],
-                                     [p.name for p in cfg.phases])
-        metrics.plot_confusion_matrix(os.path.join(plots, "confusion_matrix.png"), labels, predictions,
-                                      run.data.class_names)
+        figures = os.path.join(run.workdir, "plots")
+        os.makedirs(figures, exist_ok=True)
+        names = [p.name for p in cfg.phases]
+        plots.learning_curves(os.path.join(figures, "learning_curves.png"), meta["history"], names)
+        matrix = metrics.confusion_matrix(labels, predictions, run.data.num_classes)
+        plots.confusion_matrix(os.path.join(figures, "confusion_matrix.png"), matrix, run.data.class_names)
     return summary

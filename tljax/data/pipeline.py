@@ -226,6 +226,13 @@ class InputPipeline:
         for batch in self._iterate("train", indices, mask, epoch=None, normalized=False):
             yield batch["image"][batch["mask"] > 0]
 
+    def raw_images(self, split: str, indices: np.ndarray) -> np.ndarray:
+        """Examples `indices` of `split` with the eval transform, not normalised: float32 0..255 (for showing)."""
+        indices = np.asarray(indices, np.int64)
+        if not len(indices):
+            return np.zeros((0, self.image_size, self.image_size, 3), np.float32)
+        return next(self._iterate(split, indices[None], None, epoch=None, normalized=False))["image"]
+
     def _split_size(self, split: str) -> int:
         if split not in self.sizes:
             raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")

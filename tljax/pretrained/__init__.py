@@ -3,8 +3,9 @@
     model, variables, prep = pretrained.load("resnet50", "resnet50.safetensors", num_classes=10)
     logits = model.apply(variables, prep.normalize(images), train=False)   # images: NHWC RGB 0..255
 
-`source` is a local file (`.safetensors`, `.pth`/`.pt`, Keras `.h5` / `.weights.h5`) or a known weight name
-(`hub.KNOWN`, e.g. "torchvision/resnet50.IMAGENET1K_V2"), downloaded once into a checksummed cache.
+`source` is a local file (`.safetensors`, `.pth`/`.pt`, Keras `.h5` / `.weights.h5`, or a model exported by
+`python -m tljax.export`) or a known weight name (`hub.KNOWN`, e.g. "torchvision/resnet50.IMAGENET1K_V2"), downloaded
+once into a checksummed cache.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from tljax import models
 from tljax.models import Classifier
-from tljax.pretrained import hub, mappings, readers
+from tljax.pretrained import exported, hub, mappings, readers
 from tljax.pretrained.convert import Layer, WeightsMismatchError, convert, keras3_names
 from tljax.pretrained.prep import Preprocessing
 from tljax.pretrained.hub import WeightsUnavailableError
@@ -29,14 +30,17 @@ from tljax.pretrained.readers import WeightsFileError
 
 
 def _num_classes_in_file(arrays: dict[str, np.ndarray], layers: list[Layer], fmt: str) -> int:
-    out = [layer for layer in layers if layer.target == "head/out"]
-    key = f"{out[0].source}.weight" if fmt == "torch" else f"{out[0].source}/0"
+    if fmt == "tljax":
+        key, axis = "params/head/out/kernel", -1
+    else:
+        source = next(layer.source for layer in layers if layer.target == "head/out")
+        key, axis = (f"{source}.weight", 0) if fmt == "torch" else (f"{source}/0", -1)
     if key not in arrays:
         raise WeightsMismatchError(
             f"the weights hold no classifier ({key} is absent: a feature-extractor / 'notop' file?); "
             "pass num_classes=N to put a new head on the backbone"
         )
-    return int(arrays[key].shape[0] if fmt == "torch" else arrays[key].shape[-1])
+    return int(arrays[key].shape[axis])
 
 
 @dataclasses.dataclass
@@ -50,8 +54,8 @@ class Weights:
     name: str
     path: str
     arrays: dict[str, np.ndarray]
-    format: str  # "torch" or "keras": the key form of `arrays`
-    convention: mappings.Convention
+    format: str  # "torch", "keras" or "tljax" (an export: keys are variable paths): the key form of `arrays`
+    convention: mappings.Convention  # for an export, `exported.convention`: the file's own model
     create_kwargs: dict[str, Any]
     prep: Preprocessing
 
@@ -96,7 +100,10 @@ def read(name: str, source: str | os.PathLike, *, convention: str | None = None,
         arrays = {re.sub(r"^normalization_\d+/", "normalization/", k): v for k, v in arrays.items()}
     if fmt == "keras3":
         arrays, fmt = _keras3_to_keras(arrays, family, name, create_kwargs, path), "keras"
-    conv = mappings.detect(family, list(arrays), fmt, convention or (known.convention if known else None))
+    if fmt == "tljax":
+        conv = exported.convention(name, path, convention)
+    else:
+        conv = mappings.detect(family, list(arrays), fmt, convention or (known.convention if known else None))
     kwargs = {**create_kwargs, **conv.backbone_kwargs}
     if known is not None and known.prep is not None:
         prep = known.prep
@@ -116,8 +123,9 @@ def load(
 ) -> tuple[Classifier, dict, Preprocessing]:
     """Builds model `name` and fills it with the weights in `source`.
 
-    num_classes: None keeps the checkpoint's classifier; an int puts a freshly initialised head of that size on
-    the pretrained backbone (seeded by `seed`).
+    num_classes: None keeps the checkpoint's classifier (for a tljax export: the exported model exactly); an int
+    puts a freshly initialised head of that size, built from `create_kwargs`, on the pretrained backbone (seeded by
+    `seed`).
     convention: the naming convention (e.g. "torchvision", "timm", "lukemelas", "keras"); detected from the keys
     when None.
     create_kwargs: passed to `models.create` (head_hidden, head_activation, head_dropout, dtype).

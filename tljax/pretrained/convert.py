@@ -8,6 +8,7 @@ refuses to half-load: missing tensors, tensors nothing uses, and wrong shapes ar
 
 Key forms: PyTorch state dicts are `module.path.tensor_name`; Keras weights are `layer_name/index`, the index being
 the variable's position in the layer (Keras's own order: kernel, bias / gamma, beta, moving_mean, moving_variance).
+Files written by `tljax.export` are keyed by the Flax variables' own paths and need no table.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 Transform = Callable[[np.ndarray], np.ndarray]
+Slot = tuple[str, str, Transform | None]  # (source key, target variable path, layout change)
 
 
 def _oihw_to_hwio(w: np.ndarray) -> np.ndarray:
@@ -120,6 +122,24 @@ def _listing(title: str, items: list[str], limit: int = 25) -> str:
     return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
+def _in_head(target: str) -> bool:
+    """Whether a variable path (`params/head/out/kernel`) belongs to the classifier."""
+    return target.split("/")[1] == "head"
+
+
+def _table_slots(layers: Iterable[Layer], fmt: str, arrays: dict[str, np.ndarray]) -> tuple[list[Slot], set[str]]:
+    """A table's slots, and the keys of its "prep" layers (read by `Preprocessing`, not by the model)."""
+    slots, prep_keys = [], set()
+    for layer in layers:
+        for key, collection, leaf, fn in _slots(layer, fmt):
+            if layer.transform is not None and leaf == "kernel":
+                fn = layer.transform
+            slots.append((key, f"{collection}/{layer.target}/{leaf}", fn))
+        if layer.kind == "prep":
+            prep_keys.update(k for k in arrays if k.startswith(f"{layer.source}/"))
+    return slots, prep_keys
+
+
 def convert(
     arrays: dict[str, np.ndarray],
     layers: Iterable[Layer],
@@ -130,40 +150,39 @@ def convert(
 ) -> dict:
     """Fills `abstract` (a variables tree of ShapeDtypeStructs) from `arrays` via the table `layers`.
 
-    fmt: "torch" or "keras" (key forms above). With `drop_head`, the checkpoint's classifier (table targets under
-    `head/`) is read past and the returned tree has no head: the caller initialises a new one.
+    fmt: "torch" or "keras" (key forms above), or "tljax": a tljax export, whose keys are the variables' own paths
+    (`params/backbone/stem_conv/kernel`), so no table is needed (`layers` is empty). With `drop_head`, the
+    checkpoint's classifier (targets under `head/`) is read past and the returned tree has no head: the caller
+    initialises a new one.
     Raises WeightsMismatchError listing every missing, unexpected and wrong-shaped tensor.
     """
     expected = traverse_util.flatten_dict(abstract, sep="/")
+    if fmt == "tljax":
+        slots, used = [(key, key, None) for key in sorted(set(arrays) | set(expected))], set()
+    else:
+        slots, used = _table_slots(layers, fmt, arrays)  # the keys of "prep" layers count as used
     filled: dict[str, np.ndarray] = {}
-    used: set[str] = set()
-    accounted: set[str] = set()  # model variables some table entry is responsible for
+    accounted: set[str] = set()  # model variables some slot is responsible for
     missing, wrong = [], []
-    for layer in layers:
-        in_head = layer.target.startswith("head/")
-        for key, collection, leaf, fn in _slots(layer, fmt):
-            target = f"{collection}/{layer.target}/{leaf}"
-            if target not in expected or (in_head and drop_head):
-                if in_head and drop_head:
-                    used.add(key)
-                continue  # a tensor the model has no place for stays unused and is reported below
-            accounted.add(target)
-            if key not in arrays:
-                missing.append(f"{key} (-> {target})")
-                continue
+    for key, target, fn in slots:
+        if drop_head and _in_head(target):
             used.add(key)
-            if layer.transform is not None and leaf == "kernel":
-                fn = layer.transform
-            value = (fn or np.asarray)(arrays[key])
-            if value.shape != expected[target].shape:
-                wrong.append(f"{key}: {arrays[key].shape} in the file, {target} is {expected[target].shape}")
-                continue
-            filled[target] = np.asarray(value, dtype=expected[target].dtype)
-        if layer.kind == "prep":
-            used.update(k for k in arrays if k.startswith(f"{layer.source}/"))
+            continue
+        if target not in expected:
+            continue  # a tensor the model has no place for stays unused and is reported below
+        accounted.add(target)
+        if key not in arrays:
+            missing.append(key if key == target else f"{key} (-> {target})")
+            continue
+        used.add(key)
+        value = (fn or np.asarray)(arrays[key])
+        if value.shape != expected[target].shape:
+            wrong.append(f"{key}: {arrays[key].shape} in the file, {target} is {expected[target].shape}")
+            continue
+        filled[target] = np.asarray(value, dtype=expected[target].dtype)
 
     unexpected = sorted(k for k in arrays if k not in used and not k.endswith(_TORCH_IGNORED))
-    uncovered = sorted(t for t in expected if t not in accounted and not (drop_head and t.split("/")[1] == "head"))
+    uncovered = sorted(t for t in expected if t not in accounted and not (drop_head and _in_head(t)))
     if missing or unexpected or wrong or uncovered:
         parts = [f"{what} do not fit the model:"]
         if missing:

@@ -1,6 +1,8 @@
 """Weight files -> `{key: np.ndarray}`, with the key form the mapping tables expect.
 
 * PyTorch state dicts (`.safetensors`, `.pth`/`.pt`/`.bin`): keys `module.path.tensor`; format "torch".
+* Models exported by `python -m tljax.export` (`.safetensors` whose metadata says format "tljax"): keys are the Flax
+  variables' paths (`params/backbone/stem_conv/kernel`); format "tljax" (see `exported`).
 * Keras HDF5 weights in the legacy layout Keras Applications distributes (`layer_names` / `weight_names`, also
   inside a whole-model file's `model_weights` group): keys `layer_name/index`; format "keras".
 * Keras 3 `.weights.h5` (`layers/<class>_<n>/vars/<i>`): keys `<class>_<n>/index`; format "keras3" (the loader
@@ -51,15 +53,21 @@ def _read_keras(path: Path) -> tuple[dict[str, np.ndarray], str]:
     raise WeightsFileError(f"{path}: an HDF5 file, but neither Keras's legacy weights layout nor a Keras 3 .weights.h5")
 
 
+def _safetensors_format(path: Path) -> str:
+    """"tljax" for a model `tljax.export` wrote (its metadata says so), else "torch" (a PyTorch state dict)."""
+    with safetensors.safe_open(path, "np") as f:
+        return "tljax" if (f.metadata() or {}).get("format") == "tljax" else "torch"
+
+
 def read(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
-    """Reads a weights file; returns (arrays, format) with format "torch", "keras" or "keras3"."""
+    """Reads a weights file; returns (arrays, format) with format "torch", "tljax", "keras" or "keras3"."""
     path = Path(path)
     if not path.is_file():
         raise WeightsFileError(f"weights file {path} does not exist")
     name = path.name.lower()
     try:
         if name.endswith(".safetensors"):
-            return safetensors.numpy.load_file(path), "torch"
+            return safetensors.numpy.load_file(path), _safetensors_format(path)
         if name.endswith(TORCH_SUFFIXES):
             return torchfile.load(path), "torch"
         if name.endswith(KERAS_SUFFIXES):
