@@ -57,7 +57,8 @@ def export(run: restore.TrainedRun, output: str, overwrite: bool = False) -> str
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        safetensors.numpy.save_file(tensors, tmp, metadata)
+        with open(tmp, "wb") as f:  # open() gives the file the user's usual permissions (umask)
+            f.write(safetensors.numpy.save(tensors, metadata))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
