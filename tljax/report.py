@@ -66,7 +66,7 @@ def applied_learning_rates(run: restore.TrainedRun, phase_results: list[dict]) -
     for phase, result in zip(run.config.phases, phase_results):
         steps = int(result["steps"])
         lr = optim.learning_rate(phase, steps)
-        head = np.asarray([float(lr(s)) if callable(lr) else float(lr) for s in range(steps)])
+        head = np.asarray(jax.vmap(lr)(np.arange(steps)) if callable(lr) else np.full(steps, lr), np.float64)
         labels = optim.param_labels(run.variables["params"], phase.trainable)
         trains_backbone = any(label == "backbone" for label in jax.tree.leaves(labels))
         out.append((phase.name, head, head * phase.backbone_lr_multiplier if trains_backbone else None))
