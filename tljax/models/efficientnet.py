@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tljax.models.layers import Conv, Padding, batch_norm, global_avg_pool
+from tljax.models.layers import Conv, Padding, at_least_f32, batch_norm, global_avg_pool
 
 STYLES = ("torch", "torchvision", "tf")
 
@@ -119,7 +119,7 @@ class MBConv(nn.Module):
         y = conv(spec.hidden, spec.kernel_size, spec.strides, pad, groups=spec.hidden, name="dw_conv")(y)
         y = self.activation(norm("dw_bn")(y)).astype(self.dtype)
         if spec.se_features:
-            s = jnp.mean(y.astype(jnp.float32), axis=(1, 2), keepdims=True)
+            s = jnp.mean(at_least_f32(y), axis=(1, 2), keepdims=True)
             s = self.activation(conv(spec.se_features, 1, use_bias=True, name="se_reduce")(s))
             s = nn.sigmoid(conv(spec.hidden, 1, use_bias=True, name="se_expand")(s))
             y = y * s.astype(self.dtype)

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tljax.models.layers import at_least_f32
+
 ACTIVATIONS = {"relu": nn.relu, "elu": nn.elu, "tanh": jnp.tanh, "sigmoid": nn.sigmoid, "gelu": nn.gelu}
 
 
@@ -37,7 +39,7 @@ class Head(nn.Module):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
             x = ACTIVATIONS[self.activation](nn.Dense(width, dtype=self.dtype, name=f"hidden{i}")(x))
         x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return nn.Dense(self.num_classes, dtype=self.dtype, name="out")(x).astype(jnp.float32)
+        return at_least_f32(nn.Dense(self.num_classes, dtype=self.dtype, name="out")(x))
 
 
 class Classifier(nn.Module):

@@ -52,22 +52,28 @@ class Conv(nn.Module):
         return y
 
 
+def at_least_f32(x: jax.Array) -> jax.Array:
+    """`x` in float32, or in its own dtype when that is wider (float64 reference checks)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def batch_norm(train: bool, epsilon: float, name: str | None = None, axis_name: str | None = None) -> nn.BatchNorm:
     """BatchNorm whose mode is given explicitly: batch statistics (and their update) only when `train` is true.
 
-    The statistics and the normalisation run in float32 whatever the compute dtype (mixed precision keeps BN exact).
+    The statistics and the normalisation run in float32 (float64 for float64 inputs) whatever the compute dtype:
+    mixed precision keeps BN exact.
     `axis_name`: under `pmap`, the device axis over which batch statistics are averaged, so that data-parallel
     training normalises with the statistics of the whole global batch, as one device would.
     """
     return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=jnp.float32, axis_name=axis_name,
+        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=None, axis_name=axis_name,
         name=name,
     )
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Mean over the spatial axes, in float32."""
-    return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    """Mean over the spatial axes, in float32 (or wider)."""
+    return jnp.mean(at_least_f32(x), axis=(1, 2))
 
 
 def max_pool(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:

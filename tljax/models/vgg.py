@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tljax.models.layers import Conv, global_avg_pool
+from tljax.models.layers import Conv, at_least_f32, global_avg_pool
 
 # (width, number of 3x3 convs) per block: VGG's configuration "D".
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
@@ -66,7 +66,7 @@ class VGG(nn.Module):
         for name in ("fc1", "fc2"):
             x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name=name)(x))
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
-        return x.astype(jnp.float32)
+        return at_least_f32(x)
 
 
 PRESETS = {"vgg16": functools.partial(VGG, blocks=VGG16_BLOCKS)}
