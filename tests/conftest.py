@@ -1,8 +1,13 @@
-"""Test-wide settings: Keras on the JAX backend, exact float32 matmuls for parity checks, quiet TensorFlow."""
+"""Test-wide settings: Keras on the JAX backend, exact float32 matmuls for parity checks, quiet TensorFlow, no triton."""
 
 import os
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
+# The parity extra's torch (the CUDA build torchvision needs, run on CPU) imports triton lazily, e.g. when an
+# optimizer is built; triton's native library crashes the process when TensorFlow was loaded first. The tests run
+# torch on CPU only, where triton is never used: make its import fail cleanly, which torch handles.
+sys.modules.setdefault("triton", None)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
