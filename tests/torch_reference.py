@@ -1,40 +1,96 @@
-"""PyTorch reference models with non-trivial BatchNorm statistics (for parity tests; needs torch)."""
+"""The PyTorch side of the parity tests: real torchvision, timm and lukemelas models with calibrated BatchNorm.
+
+Needs the `parity` extra (torch, torchvision, timm, efficientnet_pytorch, efficientnet_lite_pytorch); never imported
+by tljax itself.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
 
-def he_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """He-normal weights and small non-zero biases, so signals keep their scale through a deep plain network."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-                m.weight.normal_(0.0, (2.0 / m.weight[0].numel()) ** 0.5, generator=g)
-                if m.bias is not None:
-                    m.bias.normal_(0.0, 0.05, generator=g)
-    return model
+def _timm(name: str, size: int) -> torch.nn.Module:
+    import timm
+
+    return timm.create_model(name)
+
+
+def _torchvision(name: str, size: int) -> torch.nn.Module:
+    import torchvision
+
+    return getattr(torchvision.models, name)()
+
+
+def _lukemelas(name: str, size: int) -> torch.nn.Module:
+    """lukemelas `efficientnet_pytorch` (B0..B7) and `efficientnet_lite_pytorch` (Lite0..4), by tljax's name.
+
+    Their TF "SAME" padding is computed once, for the image size given here: inputs of another size are padded as
+    TF would pad that size, not theirs.
+    """
+    if "lite" in name:
+        import efficientnet_lite_pytorch as module
+    else:
+        import efficientnet_pytorch as module
+    return module.EfficientNet.from_name(name.replace("_", "-"), image_size=size)
+
+
+LIBRARIES: dict[str, Callable[[str, int], torch.nn.Module]] = {
+    "torchvision": _torchvision, "timm": _timm, "lukemelas": _lukemelas,
+}
+
+
+def build(library: str, name: str, size: int = 64, seed: int = 0) -> torch.nn.Module:
+    """The library's own model `name`, for `size` px inputs, with its random initialisation (seeded)."""
+    torch.manual_seed(seed)
+    return LIBRARIES[library](name, size)
 
 
 def calibrate_batchnorm(model: torch.nn.Module, size: int = 64, seed: int = 0) -> torch.nn.Module:
-    """Random BatchNorm gamma/beta, then running statistics measured on one batch of noise; eval mode.
+    """Random BatchNorm affine parameters and running statistics measured on data, then perturbed; eval mode.
 
-    Random running statistics that do not fit the activations make a deep network forget its input; one batch's
-    statistics keep it input-dependent (see parity.assert_parity) while being far from the trivial 0/1.
+    Scale U(0.5, 1.5), bias N(0, 0.1); running statistics as the cumulative average (`momentum=None`) of three
+    train-mode passes on random `size` px inputs; then every statistic times U(0.9, 1.1). Random statistics that do
+    not fit the activations make a deep network ignore its input, and then any two networks "agree"; measured ones
+    keep it input-dependent, and the perturbation keeps them from being exactly the batch's.
     """
     g = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=g)
-                m.bias.uniform_(-0.2, 0.2, generator=g)
-                m.reset_running_stats()
-                m.momentum = None  # a cumulative average: after one batch, that batch's statistics
-        model.train()(torch.randn((8, 3, size, size), generator=g))
-    return model.eval()
+        for m in norms:
+            m.weight.uniform_(0.5, 1.5, generator=g)
+            m.bias.normal_(0.0, 0.1, generator=g)
+            m.reset_running_stats()
+            m.momentum = None
+        model.train()
+        for _ in range(3):
+            model(torch.randn((8, 3, size, size), generator=g))
+        model.eval()
+        for m in norms:
+            for stat in (m.running_mean, m.running_var):
+                stat.mul_(torch.empty_like(stat).uniform_(0.9, 1.1, generator=g))
+    return model
+
+
+def save(model: torch.nn.Module, path: Path) -> Path:
+    """The state dict as `.safetensors`, or with `torch.save` (zip format) for any other suffix."""
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state_dict, path)
+    else:
+        torch.save(state_dict, path)
+    return path
 
 
 def logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
-    """The model's outputs for NHWC numpy images."""
+    """The model's outputs for NHWC images, computed in the images' dtype (float64 images: on a float64 copy)."""
+    if images.dtype == np.float64:
+        model = copy.deepcopy(model).double()
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))).numpy()
