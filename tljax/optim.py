@@ -43,6 +43,12 @@ def param_labels(params: PyTree, trainable: str) -> PyTree:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+def trained_modules(labels: PyTree) -> frozenset[str]:
+    """The paths ("backbone/stage4_block0/bn1") of the modules with at least one trainable parameter."""
+    return frozenset(path_name(path[:-1]) for path, label in jax.tree_util.tree_leaves_with_path(labels)
+                     if label != "frozen")
+
+
 def split(params: PyTree, labels: PyTree) -> tuple[PyTree, PyTree]:
     """(trainable, frozen): two trees of `params`' structure with None where the other side's leaves are."""
     trainable = jax.tree.map(lambda p, l: None if l == "frozen" else p, params, labels)
@@ -96,6 +102,8 @@ def validate(phase: ml_collections.ConfigDict) -> None:
             raise ValueError(f"phase {phase.name!r}: bad arguments for optax.{section.name}: {e}") from None
     if phase.bn not in ("frozen", "train"):
         raise ValueError(f"phase {phase.name!r}: bn must be 'frozen' or 'train', not {phase.bn!r}")
+    if not isinstance(phase.trainable, str):
+        raise ValueError(f"phase {phase.name!r}: trainable must be a regular expression, not {phase.trainable!r}")
     try:
         re.compile(phase.trainable)
     except re.error as e:

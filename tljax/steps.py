@@ -2,7 +2,9 @@
 
 `train_step` differentiates only the parameters the phase trains (`optim.split`): with the backbone frozen, its
 backward pass is never built, whatever reads the gradients later (clipping included). Frozen parameters come out
-untouched (the same buffers' values), and so do BatchNorm statistics unless the phase trains them (`bn_train`).
+untouched (the same buffers' values), and so do BatchNorm statistics unless the phase trains them (`bn_train`). With
+`bn_train`, BatchNorm follows Keras's rule: a layer whose parameters the phase freezes runs in inference mode (its
+running statistics normalise, and stay untouched); only the layers that train use and update batch statistics.
 
 Metrics are sums over the batch (loss, top-1 and top-5 hits, example count), reduced over devices, so an epoch's
 or a split's averages are exact however the examples were batched and padded.
@@ -89,8 +91,9 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a batch {"image", "label"}; returns the new state and the batch's metric sums.
 
-    labels: `optim.param_labels` of the phase. bn_train: the backbone runs in training mode (BatchNorm batch
-    statistics, updated running statistics, stochastic depth); otherwise in inference mode while the head trains.
+    labels: `optim.param_labels` of the phase. bn_train: the backbone runs in training mode (stochastic depth, and
+    batch statistics in the BatchNorm layers whose parameters train, whose running statistics are updated; frozen
+    BatchNorm layers stay in inference mode); otherwise all of it in inference mode while the head trains.
     on_features: the batch holds cached backbone features {"features", "label"}: only the head runs (the same
     numbers as the image path with a frozen backbone in inference mode).
     micro_batches: slices the inference-mode backbone runs on independently (see `backbone_features`).
@@ -100,12 +103,14 @@ def train_step(
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     trainable, frozen = optim.split(state.params, labels)
+    trained_modules = optim.trained_modules(labels)
 
     def loss_fn(trainable_params):
         variables = {"params": optim.merge(trainable_params, frozen), "batch_stats": state.batch_stats}
         if bn_train:
-            logits, updated = model.apply(variables, batch["image"], train=True, backbone_train=True,
-                                          rngs={"dropout": rng}, mutable=["batch_stats"])
+            logits, updated = model.training_only(trained_modules).apply(
+                variables, batch["image"], train=True, backbone_train=True, rngs={"dropout": rng},
+                mutable=["batch_stats"])
             return _loss(logits, batch["label"]), (logits, updated["batch_stats"])
         features = batch["features"] if on_features else backbone_features(model, variables, batch["image"],
                                                                              micro_batches)
@@ -114,8 +119,10 @@ def train_step(
 
     (_, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     grads = _reduce(grads, axis_name, jax.lax.pmean)
-    if bn_train:
-        batch_stats = _reduce(batch_stats, axis_name, jax.lax.pmean)
+    if bn_train:  # average the statistics of the layers in training mode; the others keep their very buffers
+        moved = jax.tree_util.tree_map_with_path(
+            lambda path, new: new if optim.path_name(path[:-1]) in trained_modules else None, batch_stats)
+        batch_stats = optim.merge(_reduce(moved, axis_name, jax.lax.pmean), state.batch_stats)
     zeros = jax.tree.map(jnp.zeros_like, frozen)  # never computed: set_to_zero ignores them
     updates, opt_state = tx.update(optim.merge(grads, zeros), state.opt_state, state.params)
     new_trainable = optax.apply_updates(trainable, optim.split(updates, labels)[0])

@@ -104,12 +104,14 @@ class MBConv(nn.Module):
     bn_eps: float
     dtype: Any
     bn_axis_name: str | None
+    trained_modules: frozenset[str] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         spec = self.spec
         conv = functools.partial(Conv, dtype=self.dtype)
-        norm = functools.partial(batch_norm, train, self.bn_eps, axis_name=self.bn_axis_name)
+        norm = functools.partial(batch_norm, train, self.bn_eps, axis_name=self.bn_axis_name,
+                                 trained_modules=self.trained_modules)
 
         y = x
         if spec.expand_ratio != 1:
@@ -150,6 +152,7 @@ class EfficientNet(nn.Module):
     torchvision_bn_eps: float = 1e-5
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # the pmap axis to average BatchNorm batch statistics over
+    trained_modules: frozenset[str] | None = None  # BatchNorm in training mode only there (layers.BatchNorm)
 
     @property
     def stem_features(self) -> int:
@@ -190,11 +193,13 @@ class EfficientNet(nn.Module):
             raise ValueError(f"unknown EfficientNet style {self.style!r}; choose one of {STYLES}")
         activation = _relu6 if self.lite else nn.silu
         tf = self.style == "tf"
-        norm = functools.partial(batch_norm, train, self.bn_eps, axis_name=self.bn_axis_name)
+        norm = functools.partial(batch_norm, train, self.bn_eps, axis_name=self.bn_axis_name,
+                                 trained_modules=self.trained_modules)
         x = Conv(self.stem_features, 3, strides=2, padding=_padding(3, tf), dtype=self.dtype, name="stem_conv")(x)
         x = activation(norm("stem_bn")(x)).astype(self.dtype)
         for spec in self.blocks():
-            x = MBConv(spec, activation, tf, self.bn_eps, self.dtype, self.bn_axis_name, name=spec.name)(x, train)
+            x = MBConv(spec, activation, tf, self.bn_eps, self.dtype, self.bn_axis_name, self.trained_modules,
+                       name=spec.name)(x, train)
         x = Conv(self.head_features, 1, dtype=self.dtype, name="head_conv")(x)
         x = activation(norm("head_bn")(x))
         return global_avg_pool(x)

@@ -6,6 +6,7 @@ caching the backbone's features are all statements about one top-level key.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -47,7 +48,8 @@ class Classifier(nn.Module):
 
     `train` switches the head's dropout; `backbone_train` (default: `train`) switches the backbone between training
     mode (BatchNorm on batch statistics and updating them, stochastic depth) and inference mode. Keeping the
-    backbone in inference mode while the head trains is the Keras guide's advice for fine-tuning.
+    backbone in inference mode while the head trains is the Keras guide's advice for fine-tuning. `training_only`
+    narrows BatchNorm's training mode to the layers whose parameters train.
     """
 
     backbone: nn.Module
@@ -55,6 +57,16 @@ class Classifier(nn.Module):
 
     def __call__(self, images: jax.Array, train: bool = False, backbone_train: bool | None = None) -> jax.Array:
         return self.classify(self.features(images, train if backbone_train is None else backbone_train), train)
+
+    def training_only(self, trained_modules: frozenset[str]) -> Classifier:
+        """This classifier with BatchNorm in training mode only in `trained_modules`, the paths of the modules whose
+        parameters train ("backbone/stage4_block0/bn1"); every other BatchNorm layer runs in inference mode, also
+        under `backbone_train=True` (Keras's rule, see `layers.BatchNorm`). Stochastic depth still follows
+        `backbone_train`. Variables and their names do not change. A backbone without BatchNorm (VGG) is kept as is.
+        """
+        if "trained_modules" not in {f.name for f in dataclasses.fields(self.backbone)}:
+            return self
+        return self.clone(backbone=self.backbone.clone(trained_modules=frozenset(trained_modules)))
 
     def features(self, images: jax.Array, train: bool = False) -> jax.Array:
         """Images (NHWC, normalised as the weights expect) -> pooled backbone features (N, D), float32."""

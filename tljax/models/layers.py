@@ -57,18 +57,37 @@ def at_least_f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def batch_norm(train: bool, epsilon: float, name: str | None = None, axis_name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm whose mode is given explicitly: batch statistics (and their update) only when `train` is true.
+class BatchNorm(nn.BatchNorm):
+    """`nn.BatchNorm` (the same variables and names) whose mode follows its own parameters' trainability.
+
+    In training mode (`train`), it normalises with the batch's statistics and updates its running statistics only
+    when its parameters train: `trained_modules` holds the paths of the modules whose parameters the phase trains
+    ("backbone/stage4_block0/bn1": the module's path from the root module being applied), and a layer outside it
+    runs in inference mode, on its running statistics, which stay untouched. That is Keras's rule (a layer that does
+    not train runs in inference mode): unfreezing the last stage does not re-normalise the frozen stages beneath it.
+    `trained_modules=None`: every layer follows `train`.
+    """
+
+    train: bool = False
+    trained_modules: frozenset[str] | None = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        trains = self.train and (self.trained_modules is None or "/".join(self.scope.path) in self.trained_modules)
+        return super().__call__(x, use_running_average=not trains)
+
+
+def batch_norm(train: bool, epsilon: float, name: str | None = None, axis_name: str | None = None,
+               trained_modules: frozenset[str] | None = None) -> BatchNorm:
+    """A `BatchNorm` with momentum 0.9: batch statistics (and their update) only when `train` is true and its
+    parameters train (see `BatchNorm`).
 
     The statistics and the normalisation run in float32 (float64 for float64 inputs) whatever the compute dtype:
     mixed precision keeps BN exact.
     `axis_name`: under `pmap`, the device axis over which batch statistics are averaged, so that data-parallel
     training normalises with the statistics of the whole global batch, as one device would.
     """
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=epsilon, dtype=None, axis_name=axis_name,
-        name=name,
-    )
+    return BatchNorm(momentum=0.9, epsilon=epsilon, dtype=None, axis_name=axis_name, name=name, train=train,
+                     trained_modules=trained_modules)
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:

@@ -32,12 +32,14 @@ class Block(nn.Module):
     style: str
     dtype: Any
     bn_axis_name: str | None
+    trained_modules: frozenset[str] | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         keras = self.style == "keras"
         conv = functools.partial(Conv, use_bias=keras, dtype=self.dtype)
-        norm = functools.partial(batch_norm, train, 1.001e-5 if keras else 1e-5, axis_name=self.bn_axis_name)
+        norm = functools.partial(batch_norm, train, 1.001e-5 if keras else 1e-5, axis_name=self.bn_axis_name,
+                                 trained_modules=self.trained_modules)
         out_features = self.width * (4 if self.bottleneck else 1)
 
         if self.bottleneck:
@@ -64,6 +66,7 @@ class ResNet(nn.Module):
     width: int = 64
     dtype: Any = jnp.float32
     bn_axis_name: str | None = None  # the pmap axis to average BatchNorm batch statistics over
+    trained_modules: frozenset[str] | None = None  # BatchNorm in training mode only there (layers.BatchNorm)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -73,14 +76,15 @@ class ResNet(nn.Module):
             raise ValueError("Keras Applications has no ResNet-18/34; use style='torch'")
         keras = self.style == "keras"
         x = Conv(self.width, 7, strides=2, padding=3, use_bias=keras, dtype=self.dtype, name="stem_conv")(x)
-        x = nn.relu(batch_norm(train, 1.001e-5 if keras else 1e-5, "stem_bn", self.bn_axis_name)(x)).astype(self.dtype)
+        stem_bn = batch_norm(train, 1.001e-5 if keras else 1e-5, "stem_bn", self.bn_axis_name, self.trained_modules)
+        x = nn.relu(stem_bn(x)).astype(self.dtype)
         # PyTorch pads the max-pool with -inf, Keras with zeros; after the ReLU both give the same maxima.
         x = max_pool(x, ((1, 1), (1, 1)))
         for s, size in enumerate(self.stage_sizes):
             for b in range(size):
                 strides = 2 if s > 0 and b == 0 else 1
                 block = Block(self.width * 2**s, strides, self.bottleneck, self.style, self.dtype, self.bn_axis_name,
-                              name=f"stage{s + 1}_block{b}")
+                              self.trained_modules, name=f"stage{s + 1}_block{b}")
                 x = block(x, train)
         return global_avg_pool(x)
 
