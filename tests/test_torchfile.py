@@ -7,6 +7,8 @@ that compare with what `torch.save` wrote take the `torch` fixture and are skipp
 import argparse
 import importlib.util
 import pickle
+import struct
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -330,3 +332,38 @@ def test_tensor_pointing_past_its_storage_is_refused(tmp_path):
     data_pkl = P.state_dict(w=P.tensor(P.storage("root", 10, view), 0, (4,), (1,)))
     with pytest.raises(TorchFileError, match="view outside its storage"):
         torchfile.load(write_legacy(tmp_path / "view.pth", data_pkl, {"root": np.zeros(10, np.float32)}))
+
+
+def _understate_size(path: Path, name: str, size: int) -> None:
+    """Rewrites the uncompressed size that the central directory records for `name` (what zipfile trusts)."""
+    with zipfile.ZipFile(path) as archive:
+        offset = archive.start_dir
+    raw = bytearray(path.read_bytes())
+    while raw[offset : offset + 4] == b"PK\x01\x02":
+        name_len, extra_len, comment_len = struct.unpack_from("<HHH", raw, offset + 28)
+        if raw[offset + 46 : offset + 46 + name_len].decode() == name:
+            struct.pack_into("<I", raw, offset + 24, size)
+        offset += 46 + name_len + extra_len + comment_len
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("header", ["honest", "understated"])
+def test_zip_entry_larger_than_its_storage_is_refused_unread(tmp_path, header):
+    """A 4-element storage whose entry inflates to 64 MiB (64 KiB on disk) is refused, and is never inflated: the
+    reader allocates less than 1 MiB, whether the zip header states the entry's size or lies about it."""
+    path = tmp_path / "bomb.pth"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", P.state_dict(w=P.tensor(P.storage("0", 4), 0, (4,), (1,))))
+        archive.writestr("archive/data/0", bytes(64 * 2**20))
+    if header == "understated":
+        _understate_size(path, "archive/data/0", 16)
+    assert path.stat().st_size < 2**20
+    tracemalloc.start()
+    try:
+        message = "holds 67108864 bytes, more than the 16" if header == "honest" else "Bad CRC-32"
+        with pytest.raises(readers.WeightsFileError, match=rf"archive/data/0.*{message}|{message}.*archive/data/0"):
+            readers.read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20

@@ -146,20 +146,33 @@ class _Unpickler(pickle.Unpickler):
         return _Storage(key, dtype, 0, numel * dtype.itemsize)
 
 
+def _read_entry(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
+    """Entry `name`, which may hold at most `limit` bytes: one that declares more is refused unread, and no more than
+    `limit` bytes are ever inflated (zipfile stops at the declared size and refuses an entry whose header understates
+    it by its CRC), so a small file cannot make the reader allocate a huge buffer."""
+    info = archive.getinfo(name)
+    if info.file_size > limit:
+        raise TorchFileError(f"{name} holds {info.file_size} bytes, more than the {limit} its tensors declare")
+    with archive.open(info) as entry:
+        return entry.read(limit)
+
+
 def _read_zip(f: BinaryIO) -> tuple[Any, dict[str, bytes]]:
     with zipfile.ZipFile(f) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        names = set(archive.namelist())
+        pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pickles) != 1:
             raise TorchFileError("a zip archive, but not one written by torch.save (no <archive>/data.pkl)")
         prefix = pickles[0][: -len("data.pkl")]
-        if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder") != b"little":
+        if prefix + "byteorder" in names and _read_entry(archive, prefix + "byteorder", len(b"little")) != b"little":
             raise TorchFileError("a big-endian file: re-save it on a little-endian machine")
         with archive.open(pickles[0]) as f:
             unpickler = _Unpickler(f)
             obj = unpickler.load()
-        buffers = {}
-        for key in unpickler.storages:
-            buffers[key] = archive.read(f"{prefix}data/{key}")
+        buffers = {}  # a storage absent from the archive is reported by the first tensor that needs it
+        for key, (dtype, numel) in unpickler.storages.items():
+            if f"{prefix}data/{key}" in names:
+                buffers[key] = _read_entry(archive, f"{prefix}data/{key}", numel * dtype.itemsize)
     return obj, buffers
 
 

@@ -13,7 +13,8 @@ from typing import Callable, Iterator, Mapping
 import flax.linen as nn
 import numpy as np
 
-from tljax.pretrained.convert import Layer
+from tljax import models
+from tljax.pretrained.convert import Layer, WeightsMismatchError
 from tljax.pretrained.prep import Preprocessing
 
 
@@ -59,7 +60,11 @@ def conventions(family: str) -> dict[str, Convention]:
 
 
 def detect(family: str, keys: list[str], fmt: str, name: str | None = None) -> Convention:
-    """The convention of a checkpoint: `name` when given, else the one whose signature the keys match."""
+    """The convention of a checkpoint: `name` when given, else the one whose signature the keys match.
+
+    Raises ValueError for an unknown `name`, and WeightsMismatchError (naming the family the keys do belong to, if
+    any) for keys that match none of the family's conventions: a checkpoint of another architecture.
+    """
     known = conventions(family)
     if name is not None:
         if name not in known:
@@ -67,9 +72,10 @@ def detect(family: str, keys: list[str], fmt: str, name: str | None = None) -> C
         return known[name]
     found = [c for c in known.values() if c.format == fmt and c.matches(keys)]
     if not found:
+        others = [f"{other} ({c.name})" for other in models.FAMILIES if other != family
+                  for c in _family_conventions(other) if c.format == fmt and c.matches(keys)]
         sample = ", ".join(sorted(keys)[:8])
-        raise ValueError(
-            f"these weights match no known {family} naming convention ({', '.join(known)}); "
-            f"the file holds {len(keys)} tensors, e.g. {sample}. Is it a checkpoint of another architecture?"
-        )
+        what = f"they are {others[0]} weights." if others else "nor another family's (another architecture?)."
+        raise WeightsMismatchError(f"these weights match no {family} naming convention ({', '.join(known)}); {what} "
+                                   f"The file holds {len(keys)} tensors, e.g. {sample}")
     return found[0]
