@@ -207,3 +207,25 @@ def test_config_errors_come_before_reading_data(tmp_path, overrides, kwargs, mes
     prep = kwargs.pop("prep", TORCHVISION)
     with pytest.raises(data.ConfigError, match=message):
         data.build(cfg, prep, **kwargs)
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("batch_size", -8), ("eval_batch_size", -4),
+                                          ("image_size", 0), ("threads", -1), ("crop_fraction", float("nan"))])
+def test_impossible_numbers_are_refused_naming_the_field(tmp_path, field, value):
+    cfg = config(tmp_path / "does-not-exist", normalization="none")
+    cfg[field] = value
+    with pytest.raises(data.ConfigError, match=rf"config\.data\.{field} must be an? (integer|number) >= \d+, not"):
+        data.build(cfg, TORCHVISION)
+
+
+def test_a_tensorflow_error_hiding_the_gpus_surfaces(folder, monkeypatch):
+    """TF refuses to hide GPUs it already initialised: the pipeline must say so, not carry on with TF on them."""
+    import tensorflow as tf
+
+    def refuse(devices, kind):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind: [f"/physical_device:{kind}:0"])
+    monkeypatch.setattr(tf.config, "set_visible_devices", refuse)
+    with pytest.raises(RuntimeError, match="cannot keep TensorFlow off the GPUs.*cannot be modified after"):
+        data.build(config(folder[0], normalization="none"), TORCHVISION)

@@ -2,18 +2,25 @@
 
 Config files (`configs/*.py`) start from `defaults()` and change what they need; the command line overrides any
 field (`--config.phases[1].optimizer.learning_rate=1e-5`). `validate` refuses a field that does not exist (a typo
-in a config file would otherwise be silently ignored), unknown optimizer/schedule names and bad arguments, and
-impossible combinations, with a message naming the field.
+in a config file would otherwise be silently ignored), unknown names (model, optimizer, schedule, convention, ...),
+bad optimizer/schedule arguments, impossible numbers (a zero checkpoint interval, a negative batch size or learning
+rate) and impossible combinations, with a message naming the field.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 
 from tljax import data, models, optim
+from tljax.models.head import ACTIVATIONS
+from tljax.pretrained import mappings
 
 PARALLELISM = ("jit", "pmap")
 
@@ -26,8 +33,10 @@ def phase(**overrides: Any) -> ml_collections.ConfigDict:
     optimizer + its kwargs); schedule (`name` of an optax schedule + kwargs, "constant" = none; a kwarg set to
     "learning_rate" takes optimizer.learning_rate, one set to "phase_steps" the phase's length in steps);
     backbone_lr_multiplier; clip_grad_norm (0 = off); weight_decay (L2 on kernels, 0 = off); bn ("frozen": the
-    backbone runs in inference mode, the Keras guide's advice; "train"); cache_features (phase 1 only: run the
-    frozen backbone once per example and train the head on stored features; needs augment off).
+    backbone runs in inference mode, the Keras guide's advice; "train": the BatchNorm layers whose parameters the
+    phase trains use batch statistics and update their running statistics, the others stay in inference mode);
+    cache_features (run the frozen backbone once per example and train the head on stored features; needs augment
+    off, bn="frozen" and a trainable pattern that matches no backbone parameter).
     """
     cfg = ml_collections.ConfigDict({
         "name": "head",
@@ -71,7 +80,11 @@ def defaults() -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.checkpoint_every_steps = 500
     cfg.keep_checkpoints = 3
-    cfg.log_every_steps = 50
+    cfg.features_in_memory_mb = 1024.0  # cache_features: larger feature arrays go to memory-mapped files
+    cfg.log_every_steps = 50  # train_step_* scalars: train loss/accuracy averaged over this many steps
+    # A resume refuses a config whose recipe (optimizer, schedule, phase length, augmentation, ...) differs from
+    # the checkpoint's; True accepts it and records the change in the run's history (see checkpoint.recipe).
+    cfg.allow_recipe_change = False
     return cfg
 
 
@@ -87,7 +100,13 @@ def _unknown_fields(actual: Any, reference: Any, where: str) -> list[str]:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Raises data.ConfigError naming the problems found; cheap (nothing is read, built or compiled)."""
+    """Raises data.ConfigError naming the first problem found, before anything is read or compiled.
+
+    Only the user's mistakes become a ConfigError: the checks raise ValueError for them. Anything else (an
+    AttributeError or KeyError from tljax itself) is a bug and propagates as it is. The one check that builds
+    anything is that of `cache_features`, which needs the model's parameter paths: an abstract initialisation
+    (tracing, no compilation).
+    """
     try:
         _check(cfg)
     except ValueError as e:
@@ -106,18 +125,77 @@ def _check(cfg: ml_collections.ConfigDict) -> None:
                 errors.append(f"config.phases[{i}].{section} needs a name")
     if errors:
         raise ValueError("unknown or incomplete config fields:\n  " + "\n  ".join(errors))
-    models.family(cfg.model.name)
-    if cfg.model.dtype not in models.DTYPES:
-        raise ValueError(f"config.model.dtype must be one of {sorted(models.DTYPES)}, not {cfg.model.dtype!r}")
+    _check_model(cfg.model)
     if cfg.parallelism not in PARALLELISM:
         raise ValueError(f"config.parallelism must be one of {PARALLELISM}, not {cfg.parallelism!r}")
+    for name, minimum in (("seed", 0), ("checkpoint_every_steps", 1), ("keep_checkpoints", 1),
+                          ("log_every_steps", 1)):
+        data.check_number(cfg[name], f"config.{name}", minimum, integer=True)
+    data.check_number(cfg.features_in_memory_mb, "config.features_in_memory_mb", 0)
+    data.check_config(cfg.data)
+    backbone_parameters = None  # computed for the first phase with cache_features
     for i, p in enumerate(cfg.phases):
+        where = f"config.phases[{i}]"
         try:
             optim.validate(p)
-        except Exception as e:  # noqa: BLE001 - re-raised with the phase's place in the config
-            raise ValueError(f"config.phases[{i}]: {e}") from None
-        if p.epochs <= 0 and p.steps <= 0:
-            raise ValueError(f"config.phases[{i}]: give epochs > 0 or steps > 0")
-        if p.cache_features and cfg.data.augment:
-            raise ValueError(f"config.phases[{i}].cache_features needs config.data.augment=False: cached features "
-                             "are computed once per example, so they cannot follow random augmentation")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        for name in ("epochs", "steps"):
+            data.check_number(p[name], f"{where}.{name}", 0, integer=True)
+        if p.epochs == 0 and p.steps == 0:
+            raise ValueError(f"{where}: give epochs > 0 or steps > 0")
+        for name in ("backbone_lr_multiplier", "clip_grad_norm", "weight_decay"):
+            data.check_number(p[name], f"{where}.{name}", 0)
+        data.check_number(p.optimizer.get("learning_rate"), f"{where}.optimizer.learning_rate", 0)
+        if not p.cache_features:
+            continue
+        if cfg.data.augment:
+            raise ValueError(f"{where}.cache_features needs config.data.augment=False: cached features are computed "
+                             "once per example, so they cannot follow random augmentation")
+        if backbone_parameters is None:
+            backbone_parameters = _backbone_parameters(cfg.model.name)
+        trained = [path for path in backbone_parameters if re.search(p.trainable, path)]
+        if p.bn != "frozen" or trained:
+            why = f"bn={p.bn!r}" if p.bn != "frozen" else f"trainable {p.trainable!r} matches {trained[0]}"
+            raise ValueError(f"{where}.cache_features needs the whole backbone frozen (bn='frozen' and a trainable "
+                             f"pattern that matches no backbone parameter), but {why}")
+
+
+def _check_model(model: ml_collections.ConfigDict) -> None:
+    family = models.family(model.name)
+    if model.dtype not in models.DTYPES:
+        raise ValueError(f"config.model.dtype must be one of {sorted(models.DTYPES)}, not {model.dtype!r}")
+    known = mappings.conventions(family)
+    if model.convention and model.convention not in known:
+        raise ValueError(f"config.model.convention {model.convention!r} is not a {family} weight convention; "
+                         f"choose one of {', '.join(known)} (or '' to detect it from the file)")
+    if model.head.activation not in ACTIVATIONS:
+        raise ValueError(f"config.model.head.activation must be one of {sorted(ACTIVATIONS)}, not "
+                         f"{model.head.activation!r}")
+    for width in model.head.hidden:
+        data.check_number(width, "config.model.head.hidden (each width)", 1, integer=True)
+    if not model.head.dropout < 1:  # NaN too
+        raise ValueError(f"config.model.head.dropout must be < 1 (< 0: the family's default), not "
+                         f"{model.head.dropout}")
+
+
+def _backbone_parameters(name: str) -> list[str]:
+    """Every backbone parameter path ("backbone/stem_conv/kernel") model `name` can have, whichever convention its
+    weights follow (Keras's ResNets add convolution biases): abstract initialisations, traced, never compiled."""
+    default = models.create(name, 1)
+    variants = [default]
+    for convention in mappings.conventions(models.family(name)).values():
+        variant = models.create(name, 1, **convention.backbone_kwargs)
+        if variant not in variants:
+            variants.append(variant)
+    image = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)  # parameter shapes do not depend on the image size
+    paths = set()
+    for model in variants:
+        try:
+            params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), image)["params"]
+        except ValueError:  # a layout this model does not exist in (Keras has no ResNet-18): it adds no paths
+            if model is default:
+                raise
+            continue
+        paths |= {optim.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)}
+    return sorted(path for path in paths if path.startswith("backbone/"))

@@ -3,14 +3,14 @@
 With the backbone frozen and in inference mode (and no augmentation), its features of an example never change
 during the phase, so the head sees exactly the inputs it would see through the backbone: the same batches in the
 same order (`InputPipeline.train_order`), hence the same head parameters. Train and validation features are kept
-in memory, or in a memory-mapped file in the workdir when they would not fit comfortably.
+in memory, or in memory-mapped files in the workdir when they would not fit comfortably
+(`config.features_in_memory_mb`); the cache removes what it wrote, and only that, when it closes.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import shutil
 from typing import Any, Iterator
 
 import jax
@@ -19,14 +19,18 @@ import numpy as np
 from tljax import parallel, steps
 from tljax.data import pipeline
 
-IN_MEMORY_BYTES = 2**30  # larger feature arrays go to a memory-mapped file
-
 
 class FeatureCache:
-    """Features and labels of every train and val example, in example order, on every process."""
+    """Features and labels of every train and val example, in example order, on every process.
 
-    def __init__(self, data: pipeline.InputPipeline, par: Any, state: Any, model: Any, directory: str) -> None:
-        self.data, self.directory = data, directory
+    A split's features larger than `in_memory_bytes` go to a memory-mapped file in `directory` (created if need be).
+    """
+
+    def __init__(self, data: pipeline.InputPipeline, par: Any, state: Any, model: Any, directory: str,
+                 in_memory_bytes: float) -> None:
+        self.data, self.directory, self.in_memory_bytes = data, directory, in_memory_bytes
+        self.created_directory = False
+        self.files: list[str] = []  # the memory-mapped files written
         per_device = data.eval_batch_size // jax.device_count()
         extract = par.compile(functools.partial(steps.feature_step, model=model,
                                                 micro_batches=parallel.micro_batches(per_device)), donate=False)
@@ -46,10 +50,13 @@ class FeatureCache:
             self.features[split], self.labels[split] = stored, np.concatenate(labels)
 
     def _array(self, split: str, shape: tuple[int, int]) -> np.ndarray:
-        if shape[0] * shape[1] * 4 <= IN_MEMORY_BYTES:
+        if shape[0] * shape[1] * 4 <= self.in_memory_bytes:
             return np.empty(shape, np.float32)
-        os.makedirs(self.directory, exist_ok=True)
+        if not os.path.isdir(self.directory):
+            os.makedirs(self.directory)
+            self.created_directory = True
         path = os.path.join(self.directory, f"{split}-{jax.process_index()}.npy")
+        self.files.append(path)
         return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
 
     def train(self, epoch: int, start_step: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -64,6 +71,11 @@ class FeatureCache:
             yield {"features": self.features[split][idx], "label": self.labels[split][idx], "mask": m}
 
     def close(self) -> None:
-        """Frees memory and removes memory-mapped files."""
+        """Frees memory and removes the memory-mapped files, and their directory if the cache made it and nothing
+        else is in it; anything the user keeps there stays."""
         self.features.clear()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        for path in self.files:
+            os.remove(path)
+        self.files.clear()
+        if self.created_directory and not os.listdir(self.directory):
+            os.rmdir(self.directory)

@@ -13,8 +13,9 @@ strategies and the training statistics; `transforms` the per-image tf ops; `pipe
 """
 
 from tljax.data.normalize import STRATEGIES, Stats
-from tljax.data.pipeline import ConfigError, CorruptImageError, InputPipeline, build, default_config
+from tljax.data.pipeline import (ConfigError, CorruptImageError, InputPipeline, build, check_config, check_number,
+                                 default_config)
 from tljax.data.sources import SourceError
 
 __all__ = ["STRATEGIES", "ConfigError", "CorruptImageError", "InputPipeline", "SourceError", "Stats", "build",
-           "default_config"]
+           "check_config", "check_number", "default_config"]

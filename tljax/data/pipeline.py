@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 from typing import Any, Iterator
 
@@ -72,44 +73,70 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _validate(cfg: ml_collections.ConfigDict, prep: Any, seed: int, num_devices: int, process_index: int,
-              process_count: int) -> None:
-    """Raises ConfigError for the first thing in `cfg` (or the process layout) that cannot work."""
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
 
+def check_number(value: Any, field: str, minimum: float, integer: bool = False) -> None:
+    """Raises ConfigError naming `field` unless `value` is a finite number (an int if `integer`) >= `minimum`."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum:
+        raise ConfigError(f"{field} must be {'an integer' if integer else 'a number'} >= {minimum}, not {value!r}")
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for the first `config.data` field that cannot work, whatever the weights and devices."""
     unknown = sorted(set(cfg.keys()) - set(default_config().keys()))
-    require(not unknown, f"unknown config.data field(s) {unknown}; known: {sorted(default_config().keys())}")
-    require(cfg.normalization in normalize.STRATEGIES,
-            f"unknown normalization {cfg.normalization!r}; choose one of {', '.join(normalize.STRATEGIES)}")
-    require(cfg.normalization != "pretrained" or prep is not None,
-            "normalization 'pretrained' needs the weights' Preprocessing; with random weights choose another one")
-    require(cfg.stats_scope in normalize.SCOPES, f"stats_scope {cfg.stats_scope!r} is not one of {normalize.SCOPES}")
-    require(isinstance(cfg.source, str) and bool(cfg.source), "config.data.source is empty")
-    require(cfg.image_size > 0, f"image_size must be positive, got {cfg.image_size}")
-    require(0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1, f"crop_scale {cfg.crop_scale}: need 0 < lo <= hi <= 1")
-    require(0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1], f"crop_ratio {cfg.crop_ratio}: need 0 < lo <= hi")
-    require(0 <= cfg.crop_fraction <= 1, f"crop_fraction {cfg.crop_fraction}: need 0 (the prep's) or (0, 1]")
-    require(0 < cfg.val_percent and 0 < cfg.test_percent and cfg.val_percent + cfg.test_percent < 100,
-            f"val_percent {cfg.val_percent} and test_percent {cfg.test_percent}: each > 0, together < 100")
-    require(isinstance(seed, (int, np.integer)) and seed >= 0, f"seed must be a non-negative int, got {seed!r}")
-    require(num_devices >= 1 and process_count >= 1, f"{num_devices} devices, {process_count} processes")
-    require(0 <= process_index < process_count, f"process_index {process_index} not in [0, {process_count})")
+    _require(not unknown, f"unknown config.data field(s) {unknown}; known: {sorted(default_config().keys())}")
+    _require(cfg.normalization in normalize.STRATEGIES,
+             f"unknown normalization {cfg.normalization!r}; choose one of {', '.join(normalize.STRATEGIES)}")
+    _require(cfg.stats_scope in normalize.SCOPES, f"stats_scope {cfg.stats_scope!r} is not one of {normalize.SCOPES}")
+    _require(isinstance(cfg.source, str) and bool(cfg.source), "config.data.source is empty")
+    for name, minimum in (("image_size", 1), ("batch_size", 1), ("eval_batch_size", 0), ("threads", 0)):
+        check_number(cfg[name], f"config.data.{name}", minimum, integer=True)
+    for name in ("crop_scale", "crop_ratio"):
+        _require(len(cfg[name]) == 2, f"config.data.{name} must be a (low, high) pair, not {cfg[name]!r}")
+        for value in cfg[name]:
+            check_number(value, f"config.data.{name}", 0)
+    _require(0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1, f"crop_scale {cfg.crop_scale}: need 0 < lo <= hi <= 1")
+    _require(0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1], f"crop_ratio {cfg.crop_ratio}: need 0 < lo <= hi")
+    check_number(cfg.crop_fraction, "config.data.crop_fraction", 0)
+    _require(cfg.crop_fraction <= 1, f"crop_fraction {cfg.crop_fraction}: need 0 (the prep's) or (0, 1]")
+    for name in ("val_percent", "test_percent"):
+        check_number(cfg[name], f"config.data.{name}", 0)
+    _require(0 < cfg.val_percent and 0 < cfg.test_percent and cfg.val_percent + cfg.test_percent < 100,
+             f"val_percent {cfg.val_percent} and test_percent {cfg.test_percent}: each > 0, together < 100")
+
+
+def _check_layout(cfg: ml_collections.ConfigDict, prep: Any, seed: int, num_devices: int, process_index: int,
+                  process_count: int) -> None:
+    """Raises ConfigError if `cfg` cannot work with these weights (`prep`) and this device and process layout."""
+    _require(cfg.normalization != "pretrained" or prep is not None,
+             "normalization 'pretrained' needs the weights' Preprocessing; with random weights choose another one")
+    check_number(seed, "seed", 0, integer=True)
+    _require(num_devices >= 1 and process_count >= 1, f"{num_devices} devices, {process_count} processes")
+    _require(0 <= process_index < process_count, f"process_index {process_index} not in [0, {process_count})")
     for name in ("batch_size", "eval_batch_size"):
         value = cfg[name] or cfg.batch_size
-        require(value > 0, f"{name} must be positive, got {value}")
-        require(value % num_devices == 0, f"{name} {value} (global) is not divisible by the {num_devices} devices")
-        require(value % process_count == 0,
-                f"{name} {value} (global) is not divisible by the {process_count} processes")
+        _require(value % num_devices == 0, f"{name} {value} (global) is not divisible by the {num_devices} devices")
+        _require(value % process_count == 0,
+                 f"{name} {value} (global) is not divisible by the {process_count} processes")
 
 
 def _keep_tf_off_accelerators() -> None:
+    """Hides the GPUs from TensorFlow, so that tf.data takes no accelerator memory from JAX.
+
+    Nothing to do when TF sees none (a CPU build, or a second pipeline in this process). TF refuses the change once
+    its GPUs are initialised (TF used on the GPU before tljax): that error surfaces, with what to do.
+    """
+    if not tf.config.get_visible_devices("GPU"):
+        return
     try:
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TF's devices are already initialised; nothing to change any more
-        pass
+    except RuntimeError as e:
+        raise RuntimeError(f"cannot keep TensorFlow off the GPUs, where it would take memory from JAX ({e}); build "
+                           "the input pipeline before TensorFlow first uses a GPU in this process") from e
 
 
 def _readable(records: Records) -> np.ndarray:
@@ -351,7 +378,8 @@ def build(cfg: ml_collections.ConfigDict, prep: Any = None, *, seed: int = 0, wo
     num_devices / process_index / process_count: jax.device_count(), jax.process_index(), jax.process_count().
     trained_with: a trained run's normalization.json whose statistics to use unchanged (see `_statistics`).
     """
-    _validate(cfg, prep, seed, num_devices, process_index, process_count)
+    check_config(cfg)
+    _check_layout(cfg, prep, seed, num_devices, process_index, process_count)
     _keep_tf_off_accelerators()
     specs = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     source = sources.load(cfg.source, data_dir=cfg.data_dir, download=cfg.download, specs=specs,
