@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,9 +16,15 @@ import pytest
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import checkpoint, train
+from tljax import checkpoint, preemption, train
 
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -25,35 +32,44 @@ def folder(tmp_path_factory):
     return train_util.image_folder(tmp_path_factory.mktemp("images"))
 
 
-def _assert_same_params(a: dict, b: dict, atol: float) -> None:
-    for part in ("params", "batch_stats"):
-        flat_a, flat_b = _flat(a[part]), _flat(b[part])
-        assert flat_a.keys() == flat_b.keys()
-        for key in flat_a:
-            np.testing.assert_allclose(flat_a[key], flat_b[key], atol=atol, rtol=0, err_msg=key)
+@pytest.fixture(scope="module")
+def reference(folder, tmp_path_factory):
+    """(workdir, summary) of an uninterrupted tiny run (in this process): what interrupted runs must reproduce."""
+    workdir = tmp_path_factory.mktemp("reference")
+    return workdir, train.run(tiny.get_config(str(folder)), str(workdir))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: np.asarray(v)})
-    return out
-
-
-def test_both_phases_end_to_end(folder, tmp_path):
-    summary = train.run(tiny.get_config(str(folder)), str(tmp_path))
+def test_both_phases_end_to_end(folder, reference):
+    workdir, summary = reference
     assert [p["name"] for p in summary["phases"]] == ["head", "all"]
     assert summary["test_accuracy"] > 0.6  # three classes: chance is 0.33
     trainable = summary["num_trainable_params_per_phase"]
     assert trainable[0] < trainable[1] == summary["num_params"]
-    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert json.loads((workdir / "summary.json").read_text()) == summary
     for plot in ("learning_curves.png", "confusion_matrix.png"):
-        assert (tmp_path / "plots" / plot).stat().st_size > 1000
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert len(lines) == 4  # one line per epoch: 2 epochs x 2 phases
-    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= lines[0].keys()
-    assert list(tmp_path.glob("events.out.tfevents.*"))
-    assert json.loads((tmp_path / "normalization.json").read_text())
+        assert (workdir / "plots" / plot).stat().st_size > 1000
+    assert list(workdir.glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "normalization.json").read_text())
+    # What it trained on: 60 images, carved 80/10/10 as the folder has no split folders.
+    assert summary["data"] == {
+        "source": f"folder:{folder}", "classes": ["class0", "class1", "class2"],
+        "splits": {"train": {"split": "train[:80%]", "examples": 48}, "val": {"split": "train[80%:90%]", "examples": 6},
+                   "test": {"split": "train[90%:]", "examples": 6}}}
+
+
+def test_train_metrics_are_logged_every_log_every_steps(reference):
+    lines = train_util.metric_lines(reference[0])
+    epochs = [line for line in lines if "val_loss" in line]
+    windows = [line for line in lines if "train_step_loss" in line]
+    assert [line["step"] for line in epochs] == [6, 12, 18, 24]  # one line per epoch: 2 epochs x 2 phases
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= epochs[0].keys()
+    assert [line["step"] for line in windows] == list(range(3, 25, 3))  # log_every_steps=3
+    # Each window averages its own 3 steps (not the epoch so far): two windows of equal batches make up an epoch.
+    for k, epoch in enumerate(epochs):
+        assert windows[2 * k]["train_step_loss"] != windows[2 * k + 1]["train_step_loss"]
+        for metric in ("loss", "accuracy"):
+            pair = [windows[2 * k][f"train_step_{metric}"], windows[2 * k + 1][f"train_step_{metric}"]]
+            assert np.mean(pair) == pytest.approx(epoch[f"train_{metric}"], rel=1e-6)
 
 
 def test_pmap_jit_and_one_device_give_the_same_parameters(folder, tmp_path):
@@ -63,8 +79,8 @@ def test_pmap_jit_and_one_device_give_the_same_parameters(folder, tmp_path):
         result = train_util.cli(folder, tmp_path / name, f"--config.parallelism={mode}", env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         states[name] = train_util.final_state(tmp_path / name)
-    _assert_same_params(states["one"], states["pmap"], atol=1e-5)
-    _assert_same_params(states["one"], states["jit"], atol=1e-5)
+    train_util.assert_same_params(states["one"], states["pmap"], atol=1e-5)
+    train_util.assert_same_params(states["one"], states["jit"], atol=1e-5)
 
 
 def test_batch_not_divisible_by_devices_is_refused_before_compiling(folder, tmp_path):
@@ -85,26 +101,27 @@ def _wait_for_checkpoint(workdir, minimum: int, process: subprocess.Popen) -> No
     raise AssertionError("no checkpoint appeared")
 
 
-def test_resume_after_kill_and_preemption_matches_an_uninterrupted_run(folder, tmp_path):
-    reference = train_util.cli(folder, tmp_path / "reference")
-    assert reference.returncode == 0, reference.stderr
-    # 12 steps per phase. SIGKILL inside phase 1, then SIGTERM (preemption) inside phase 2, then run to the end.
+def test_resume_after_kill_and_preemption_matches_an_uninterrupted_run(folder, reference, tmp_path):
+    # 12 steps per phase. SIGKILL inside phase 1, then SIGTERM (preemption) after step 15 (phase 2, between two
+    # checkpoints: only the signal saves there), then run to the end.
     run = tmp_path / "interrupted"
     process = train_util.cli(folder, run, wait=False)
     _wait_for_checkpoint(run, 4, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    process = train_util.cli(folder, run, wait=False)
-    _wait_for_checkpoint(run, 16, process)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait() == 0  # a clean exit after saving
+    stopped = train_util.cli(folder, run, env={preemption.TEST_SIGNAL_VARIABLE: "15"})
+    assert stopped.returncode == preemption.EXIT_STATUS, stopped.stderr[-3000:]  # 75: saved, rerun me
+    assert "SIGTERM: saved checkpoint at step 15; rerun the same command to resume" in stopped.stderr
+    assert f"data: folder:{folder}; train 'train[:80%]': 48 examples; val 'train[80%:90%]'" in stopped.stderr
+    ckpt = checkpoint.Checkpointer(str(run / "checkpoints"), read_only=True)
+    assert ckpt.manager.latest_step() == 15 and ckpt.meta(15)["phase_step"] == 3
+    ckpt.close()
     final = train_util.cli(folder, run)
     assert final.returncode == 0, final.stderr
-    _assert_same_params(train_util.final_state(tmp_path / "reference"), train_util.final_state(run), atol=0)
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary == json.loads((tmp_path / "reference" / "summary.json").read_text())
-    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [6, 12, 18, 24]  # no duplicated or lost epochs
+    workdir, summary = reference
+    train_util.assert_same_params(train_util.final_state(workdir), train_util.final_state(run), atol=0)
+    assert json.loads((run / "summary.json").read_text()) == summary
+    assert train_util.metric_lines(run) == train_util.metric_lines(workdir)  # no duplicated or lost lines
 
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(folder, tmp_path):
@@ -117,6 +134,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(folder, tmp_path):
     partial.mkdir()
     (partial / "state").mkdir()
     cfg.phases[1].epochs = 2
+    cfg.allow_recipe_change = True  # a longer phase is a change of recipe
     summary = train.run(cfg, str(tmp_path))
     assert len(summary["phases"]) == 2
 
@@ -139,7 +157,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(folder, tmp_path):
     with pytest.raises(train.TrainingDivergedError, match="checkpoint"):
         train.run(cfg, str(tmp_path))
     state = train_util.final_state(tmp_path)
-    assert all(np.all(np.isfinite(x)) for x in _flat(state["params"]).values())
+    assert all(np.all(np.isfinite(x)) for x in train_util.flat(state["params"]).values())
 
 
 def _free_port() -> int:
@@ -166,32 +184,67 @@ app.run(main.main)
 """
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_four_devices(folder, tmp_path):
-    single = train_util.cli(folder, tmp_path / "single", env={"JAX_NUM_CPU_DEVICES": "4"})
-    assert single.returncode == 0, single.stderr
+def _two_processes(folder, workdir, logs, env: dict[int, dict[str, str]] | None = None,
+                   timeout: float = 300) -> list[int]:
+    """Runs the tiny config as a two-process run (2 CPU devices each, gloo), the CLI recording each process's reads
+    in logs/read<i>.jsonl; returns the exit statuses. A run still going after `timeout` seconds is killed and the
+    test fails: a hang must not stall CI."""
     port = _free_port()
-    workdir = tmp_path / "multi"
     processes = []
     for i in range(2):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_NUM_CPU_DEVICES": "2",
-               "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
-               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "RECORD": str(tmp_path / f"read{i}.jsonl")}
+        process_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_NUM_CPU_DEVICES": "2",
+                       "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                       "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i), "RECORD": str(logs / f"read{i}.jsonl"),
+                       **(env or {}).get(i, {})}
         cmd = [sys.executable, "-c", RECORDING_MAIN, f"--config={train_util.TINY}:{folder}", f"--workdir={workdir}"]
-        log = open(tmp_path / f"process{i}.log", "wb")
-        processes.append(subprocess.Popen(cmd, cwd=train_util.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-    for i, p in enumerate(processes):
-        assert p.wait(timeout=600) == 0, (tmp_path / f"process{i}.log").read_text()[-3000:]
-    _assert_same_params(train_util.final_state(tmp_path / "single"), train_util.final_state(workdir), atol=1e-5)
-    # Each process selected (and so decoded) only its half of every global batch; side by side, all of it.
+        with open(logs / f"process{i}.log", "ab") as log:
+            processes.append(subprocess.Popen(cmd, cwd=train_util.ROOT, env=process_env, stdout=log,
+                                              stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        return [p.wait(timeout=max(deadline - time.monotonic(), 1)) for p in processes]
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the two processes did not finish in {timeout} s (a hang?):\n"
+                    + "\n".join((logs / f"process{i}.log").read_text()[-2000:] for i in range(2)))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.mark.slow
+def test_two_processes_stopped_by_sigterm_to_one_resume_to_match_one_process(folder, reference, tmp_path):
+    workdir = tmp_path / "multi"
+    # Only process 1 receives SIGTERM (after step 5, inside phase 1's first epoch); process 0 learns it from the
+    # sum of the flags. Without that agreement one process enters the collective save while the other trains on,
+    # they wait for each other, and the timeout fails the test.
+    statuses = _two_processes(folder, workdir, tmp_path, env={1: {preemption.TEST_SIGNAL_VARIABLE: "5"}})
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert statuses == [preemption.EXIT_STATUS] * 2, [log[-3000:] for log in logs]
+    saved = [re.findall(r"SIGTERM: saved checkpoint at step (\d+)", log) for log in logs]
+    assert saved == [["6"], ["6"]]  # both after the step following the signal's, where they read the flags' sum
+    ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    assert ckpt.manager.latest_step() == 6
+    ckpt.close()
+
+    statuses = _two_processes(folder, workdir, tmp_path)
+    assert statuses == [0, 0], [(tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2)]
+    train_util.assert_same_params(train_util.final_state(reference[0]), train_util.final_state(workdir), atol=1e-5)
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert [p["val_accuracy"] for p in summary["phases"]] == [p["val_accuracy"] for p in reference[1]["phases"]]
+    assert summary["test_loss"] == pytest.approx(reference[1]["test_loss"], abs=1e-5)
+    # Each process selected (and so decoded) only its half of every global batch; side by side, all of it. The
+    # stop came at an epoch's end: the resumed run started the next epoch's iterator, one per epoch in all.
     reads = [[json.loads(line) for line in (tmp_path / f"read{i}.jsonl").read_text().splitlines()] for i in (0, 1)]
-    assert len(reads[0]) == len(reads[1]) == 4  # one iterator per epoch
+    assert len(reads[0]) == len(reads[1]) == 4
     for a, b in zip(*reads):
         assert a["global"] == b["global"]
         np.testing.assert_array_equal(np.concatenate([a["local"], b["local"]], axis=1), a["global"])
-    # Only process 0 wrote logs: one metrics line per epoch, one TensorBoard file.
-    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 4
-    assert len(list(workdir.glob("events.out.tfevents.*"))) == 1
+    # Only process 0 wrote logs: the reference's metrics lines, one TensorBoard file per run.
+    assert [line["step"] for line in train_util.metric_lines(workdir)] == [
+        line["step"] for line in train_util.metric_lines(reference[0])]
+    assert len(list(workdir.glob("events.out.tfevents.*"))) == 2
 
 
 def test_cached_features_give_the_same_head_as_running_the_backbone(folder, tmp_path):
@@ -204,7 +257,7 @@ def test_cached_features_give_the_same_head_as_running_the_backbone(folder, tmp_
         summary = train.run(cfg, str(tmp_path / str(cached)))
         states[cached] = train_util.final_state(tmp_path / str(cached))
         assert summary["phases"][0]["val_accuracy"] >= 0
-    _assert_same_params(states[False], states[True], atol=1e-6)
+    train_util.assert_same_params(states[False], states[True], atol=1e-6)
     assert not (tmp_path / "True" / "features").exists()
 
 

@@ -1,17 +1,43 @@
-"""Helpers for the training tests: a small image folder, running the CLI, reading a run's final parameters."""
+"""Helpers for the training tests: a small image folder, running the CLI, reading a run's final parameters, and a
+compilation cache that lets repeated runs of one config skip compiling."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Iterator
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental.compilation_cache import compilation_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "tests" / "configs" / "tiny.py")
+_CACHE_ENV: dict[str, str] = {}  # what `cli` adds to a run's environment inside `compile_cache`
+
+
+@contextlib.contextmanager
+def compile_cache(directory: Path) -> Iterator[None]:
+    """JAX's persistent compilation cache in `directory` for the runs inside, in this process and the ones `cli`
+    starts: a test that trains the same config several times (resumes) compiles it once. Afterwards the cache is
+    switched off again, so other tests compile (and inspect compiled code) as before."""
+    settings = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0}
+    previous = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    _CACHE_ENV.update({name.upper(): str(value) for name, value in settings.items()})
+    try:
+        yield
+    finally:
+        _CACHE_ENV.clear()
+        for name, value in previous.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def image_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 20, overlap: float = 0.0) -> Path:
@@ -36,7 +62,7 @@ def image_folder(root: Path, classes: int = 3, per_class: int = 20, size: int = 
 def cli(folder: Path, workdir: Path, *overrides: str, env: dict | None = None, wait: bool = True):
     """Runs `python -m tljax.main` on the tiny config; returns the CompletedProcess (or the Popen if not wait)."""
     cmd = [sys.executable, "-m", "tljax.main", f"--config={TINY}:{folder}", f"--workdir={workdir}", *overrides]
-    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})}
+    full_env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **_CACHE_ENV, **(env or {})}
     if not wait:  # output to a file: a pipe nobody reads would block the child once full
         log = open(workdir.parent / f"{workdir.name}.log", "ab")
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
@@ -51,3 +77,26 @@ def final_state(workdir: Path) -> dict:
     state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     manager.close()
     return state
+
+
+def assert_same_params(a: dict, b: dict, atol: float) -> None:
+    """Equal params and batch_stats (to `atol`), leaf by leaf."""
+    for part in ("params", "batch_stats"):
+        flat_a, flat_b = flat(a[part]), flat(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        for key in flat_a:
+            np.testing.assert_allclose(flat_a[key], flat_b[key], atol=atol, rtol=0, err_msg=key)
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested dict of arrays as {"a/b/c": array}."""
+    out = {}
+    for k, v in tree.items():
+        out.update(flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: np.asarray(v)})
+    return out
+
+
+def metric_lines(workdir: Path) -> list[dict]:
+    """metrics.jsonl without the timing figure (train_images_per_s), which no two runs share."""
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in line.items() if k != "train_images_per_s"} for line in lines]

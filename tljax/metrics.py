@@ -13,7 +13,11 @@ import time
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from clu import metric_writers
+from tensorboard.compat.proto import event_pb2
+
+from tljax import workdir as workdir_lib
 
 
 def averages(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
@@ -32,11 +36,18 @@ def add(total: dict[str, Any] | None, sums: dict[str, Any]) -> dict[str, Any]:
 
 
 class Writer:
-    """TensorBoard event files (via clu) and `metrics.jsonl` in the workdir; silent unless `active`."""
+    """TensorBoard event files (via clu) and `metrics.jsonl` in the workdir; silent unless `active`.
 
-    def __init__(self, workdir: str, active: bool) -> None:
+    resume_step: the checkpoint a resumed run starts from. Points past it (written by a run that died after its last
+    checkpoint) are dropped from metrics.jsonl and from the event files before anything new is written, so the
+    resumed run's points replace them instead of doubling them.
+    """
+
+    def __init__(self, workdir: str, active: bool, resume_step: int | None = None) -> None:
         self.active = active
         self.path = os.path.join(workdir, "metrics.jsonl")
+        if active and resume_step is not None:
+            self._truncate(workdir, resume_step)
         self.tensorboard = metric_writers.create_default_writer(workdir, just_logging=not active, asynchronous=False)
 
     def write(self, step: int, scalars: dict[str, float], top5: bool = True) -> None:
@@ -46,18 +57,34 @@ class Writer:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
-    def truncate_after(self, step: int) -> None:
-        """Drops lines past `step` (left by a run that died after its last checkpoint): a resume adds no duplicates."""
-        if not self.active or not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        with open(self.path, "w") as f:
-            f.writelines(lines)
+    def _truncate(self, workdir: str, step: int) -> None:
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            workdir_lib.write_text(self.path, "".join(lines))
+        for name in sorted(os.listdir(workdir)):
+            if name.startswith(EVENTS_PREFIX):
+                _truncate_events(os.path.join(workdir, name), step)
 
     def close(self) -> None:
         self.tensorboard.flush()
         self.tensorboard.close()
+
+
+EVENTS_PREFIX = "events.out.tfevents."
+
+
+def _truncate_events(path: str, step: int) -> None:
+    """Rewrites a TensorBoard event file without its events past `step` (atomically; untouched if it has none)."""
+    records = [bytes(r) for r in tf.data.TFRecordDataset(path).as_numpy_iterator()]
+    kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+    if len(kept) == len(records):
+        return
+    temporary = workdir_lib.temporary_path(path)
+    with tf.io.TFRecordWriter(temporary) as f:
+        for record in kept:
+            f.write(record)
+    os.replace(temporary, path)
 
 
 class Progress:
@@ -109,5 +136,4 @@ def per_class_scores(matrix: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def write_summary(workdir: str, summary: dict[str, Any]) -> None:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    workdir_lib.write_json(os.path.join(workdir, "summary.json"), summary)

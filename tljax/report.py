@@ -3,7 +3,8 @@
 The page holds the run's results (validation accuracy per phase, test accuracy and loss, from summary.json), the
 learning curves of all phases with the phase boundaries marked, the learning-rate schedule the optimizer applied
 (the same optax schedule, evaluated at every step of every phase), the test set's confusion matrix, per-class
-scores and most-wrong examples (an evaluation of the final checkpoint, as `tljax.evaluate` makes it), and the
+scores and most-wrong examples (an evaluation of the final checkpoint, as `tljax.evaluate` makes it), the recipe
+changes a resume was allowed to make (`config.allow_recipe_change`: step, field, old and new value), and the
 config. Figures are PNGs embedded as data URIs and the style sheet is inline, so the one file can be mailed or
 archived and opens in any browser offline. Only the HTML file is written.
 """
@@ -73,6 +74,17 @@ def applied_learning_rates(run: restore.TrainedRun, phase_results: list[dict]) -
     return out
 
 
+def recipe_changes(meta: dict[str, Any]) -> str:
+    """The recipe changes recorded in a checkpoint's meta as a table (a sentence when there were none)."""
+    rows = [[entry["step"], change["field"], json.dumps(change["old"]), json.dumps(change["new"])]
+            for entry in meta["recipe_changes"] for change in entry["changes"]]
+    if not rows:
+        return "<p>None: every step trained with the recipe of the config below.</p>"
+    return ("<p>Resumes allowed to change the recipe (<code>config.allow_recipe_change</code>); from the step "
+            "given on, the new value applied. The config below holds the newest values.</p>"
+            + _table(["from step", "field", "before", "after"], rows, ids=[f"recipe-{i}" for i in range(len(rows))]))
+
+
 def render(run: restore.TrainedRun, summary: dict[str, Any], ev: evaluate.Evaluation) -> str:
     """The report page as one HTML string."""
     cfg, scores = run.config, ev.scores()
@@ -113,6 +125,8 @@ def render(run: restore.TrainedRun, summary: dict[str, Any], ev: evaluate.Evalua
 {overview}
 <h2>Results</h2>
 {results}
+<h2>Recipe changes</h2>
+{recipe_changes(run.meta)}
 <h2>Learning curves</h2>
 <p>Train and validation loss and accuracy after every epoch; dashed lines mark where each phase begins.</p>
 {curves}

@@ -3,18 +3,21 @@
     summary = train.run(config, workdir)
 
 Re-running with the same workdir resumes from the newest checkpoint (mid-phase or across a phase boundary) and
-ends with the same parameters as an uninterrupted run: the data order is a function of (seed, epoch), and the
-checkpoint stores the step within the phase, from which the epoch and the batch follow.
+ends with the same parameters and summary as an uninterrupted run: the data order is a function of (seed, epoch),
+and the checkpoint stores the step within the phase, from which the epoch and the batch follow, and the metric sums
+of the epoch in progress. A phase's last step records the phase's result and saves, so a run stopped there resumes
+into the next phase with nothing lost. SIGTERM saves at a step all processes agree on and raises
+`preemption.Preempted` (see tljax.preemption). A resume refuses another run's checkpoints (`checkpoint.identity`)
+and a changed recipe unless `config.allow_recipe_change` (`checkpoint.recipe`; the change is then recorded in the
+checkpoint meta's `recipe_changes`, and the report shows it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
-import signal
 import time
 from typing import Any, Iterator
 
@@ -23,8 +26,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, plots, pretrained, restore
-from tljax import steps
+from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, plots, preemption
+from tljax import pretrained, steps, workdir as workdir_lib
 from tljax.features import FeatureCache
 
 
@@ -43,11 +46,10 @@ class Run:
     par: parallel.Pmap | parallel.Jit
     ckpt: checkpoint.Checkpointer
     writer: metrics.Writer
-    identity: dict[str, Any]
     is_main: bool
-    eval_fn: Any = None
-    eval_features_fn: Any = None
-    preempted: list[bool] = dataclasses.field(default_factory=lambda: [False])
+    preemption: preemption.Preemption
+    eval_fn: Any
+    eval_features_fn: Any
 
 
 def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dict, pretrained.Preprocessing, Any,
@@ -132,69 +134,97 @@ def _save(run: Run, state: Any, meta: dict[str, Any]) -> int:
     return step
 
 
-def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int, meta: dict[str, Any],
-                 last_saved: int | None) -> Any:
-    """Runs phase k (parameter labels and optimizer given) from step `start` of the phase; returns the final state."""
+def _floats(sums: dict[str, Any] | None) -> dict[str, float]:
+    """Metric sums as JSON numbers for the checkpoint meta ({} for none)."""
+    return {m: float(v) for m, v in (sums or {}).items()}
+
+
+def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int, first_step: int,
+                 meta: dict[str, Any], last_saved: int | None) -> Any:
+    """Runs phase k (parameter labels and optimizer given) from step `start` of the phase; returns the final state.
+
+    first_step: the global step before the phase's first step. Every `log_every_steps` global steps, the train
+    metrics since the last such point (or the phase's start) are written as train_step_*. The phase's last step
+    records the phase's result in `meta` and saves. After SIGTERM (on any process) every process saves the same
+    step and raises preemption.Preempted.
+    """
     cfg, phase, ds, par = run.config, run.config.phases[k], run.data, run.par
     total, spe = phase_steps(phase, ds.steps_per_epoch), ds.steps_per_epoch
     offset = _epoch_offsets(cfg, spe)[k]
     bn_train = phase.bn == "train"
     cache = None
-    if phase.cache_features:
-        if bn_train or any(label == "backbone" for label in jax.tree.leaves(labels)):
-            raise data.ConfigError(f"phase {phase.name!r}: cache_features needs the whole backbone frozen (bn='frozen'"
-                                   f" and a trainable pattern that matches no backbone parameter, not "
-                                   f"{phase.trainable!r})")
-        cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"))
+    if phase.cache_features:  # config.validate made sure that the phase trains no backbone parameter
+        cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"),
+                             cfg.features_in_memory_mb * 2**20)
     fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train,
                            on_features=cache is not None,
                            micro_batches=parallel.micro_batches(ds.batch_size // jax.device_count()))
     train_fn = par.compile(fn, donate=True)
     batches: Iterator[dict] = iter(())
     progress = metrics.Progress(f"phase {k + 1}/{len(cfg.phases)} {phase.name}", total, start, run.is_main)
-    epoch_sums = meta.get("epoch_sums") if start % spe else None  # a resumed epoch keeps its first steps' sums
+    # A resumed phase keeps the sums of its epoch's and its log window's steps before the checkpoint (none saved
+    # where they had just been written, e.g. at the old end of a lengthened phase).
+    epoch_sums = (meta.get("epoch_sums") or None) if start % spe else None
+    window_sums = (meta.get("window_sums") or None) if start else None
     pending = None
+    top5 = ds.num_classes >= 5
 
-    def collect(device_sums, step_done):
-        nonlocal epoch_sums
+    def collect(device_sums: Any, step_done: int) -> None:
+        """Adds a step's metric sums to the epoch's and the log window's."""
+        nonlocal epoch_sums, window_sums
         sums = par.get_metrics(device_sums)
         _check_finite(sums, f"step {step_done} of phase {phase.name!r}", last_saved, run)
-        epoch_sums = metrics.add(epoch_sums, sums)
+        epoch_sums, window_sums = metrics.add(epoch_sums, sums), metrics.add(window_sums, sums)
         avg = metrics.averages(epoch_sums)
         progress.update(step_done, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
 
     clock = [time.perf_counter(), 0]  # start of the timed stretch of this epoch, images trained since
-    for s in range(start, total):
-        epoch, b = divmod(s, spe)
-        if b == 0 or s == start:
-            batches = (cache or ds).train(offset + epoch, start_step=b)
-            clock = [time.perf_counter(), 0]
-        state, sums = train_fn(state, par.put_batch(next(batches)))
-        if s == start:  # the phase's first step compiles: keep it out of the images/s figure
-            jax.block_until_ready(sums)
-            clock = [time.perf_counter(), 0]
-        else:
-            clock[1] += ds.batch_size
-        if pending is not None:
-            collect(*pending)  # the previous step's metrics: fetching them does not wait for this step
-        pending = (sums, s + 1)
-        end_of_epoch = b == spe - 1 or s + 1 == total
-        if end_of_epoch or (s + 1) % cfg.checkpoint_every_steps == 0 or run.preempted[0]:
-            collect(*pending)
-            pending = None
-        if end_of_epoch:
-            rate = clock[1] / (time.perf_counter() - clock[0]) if clock[1] else None
-            _end_epoch(run, k, state, epoch_sums, s + 1, meta, cache, rate)
-            epoch_sums = None
-        if ((s + 1) % cfg.checkpoint_every_steps == 0 and s + 1 < total) or run.preempted[0]:
-            position = {"epoch": offset + (s + 1) // spe, "batch": (s + 1) % spe}
-            last_saved = _save(run, state, {**meta, "phase": k, "phase_step": s + 1, "data_position": position,
-                                            "epoch_sums": {m: float(v) for m, v in (epoch_sums or {}).items()}})
-        if run.preempted[0]:
-            logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", last_saved)
-            raise SystemExit(0)
-    if cache is not None:
-        cache.close()
+    try:
+        for s in range(start, total):
+            epoch, b = divmod(s, spe)
+            step = first_step + s + 1  # the global step this iteration completes
+            if b == 0 or s == start:
+                batches = (cache or ds).train(offset + epoch, start_step=b)
+                clock = [time.perf_counter(), 0]
+            state, sums = train_fn(state, par.put_batch(next(batches)))
+            stop = run.preemption.poll(step)
+            if s == start:  # the phase's first step compiles: keep it out of the images/s figure
+                jax.block_until_ready(sums)
+                clock = [time.perf_counter(), 0]
+            else:
+                clock[1] += ds.batch_size
+            if pending is not None:  # the previous step's: fetching it does not wait for this step
+                collect(*pending)
+            pending = (sums, s + 1)
+            end_of_epoch = b == spe - 1 or s + 1 == total
+            log_due = step % cfg.log_every_steps == 0
+            save_due = (s + 1) % cfg.checkpoint_every_steps == 0 or s + 1 == total
+            if end_of_epoch or log_due or save_due or stop:
+                collect(*pending)
+                pending = None
+            if log_due:
+                run.writer.write(step, metrics.averages(window_sums, "train_step_"), top5=top5)
+                window_sums = None
+            if end_of_epoch:
+                rate = clock[1] / (time.perf_counter() - clock[0]) if clock[1] else None
+                _end_epoch(run, k, state, epoch_sums, s + 1, meta, cache, rate)
+                epoch_sums = None
+            if s + 1 == total:  # the phase ended with an epoch's validation
+                val = meta["history"][-1]
+                result = {"name": phase.name, "steps": total, "val_accuracy": val["val_accuracy"],
+                          "val_loss": val["val_loss"]}
+                meta["phase_results"] = meta["phase_results"][:k] + [result]  # a lengthened phase: replaced
+            if save_due or stop:
+                position = {"epoch": offset + (s + 1) // spe, "batch": (s + 1) % spe}
+                last_saved = _save(run, state, {**meta, "phase": k, "phase_step": s + 1, "data_position": position,
+                                                "epoch_sums": _floats(epoch_sums),
+                                                "window_sums": _floats(window_sums)})
+            if stop:
+                logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", step)
+                raise preemption.Preempted(step)
+    finally:
+        if cache is not None:
+            cache.close()
     return state
 
 
@@ -217,52 +247,91 @@ def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, 
                      top5=run.data.num_classes >= 5)
 
 
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
-    """Trains every phase of `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary."""
+def data_summary(ds: data.InputPipeline) -> dict[str, Any]:
+    """What the run trains and is scored on: the source, its classes, and each split's string and example count."""
+    return {"source": ds.source, "classes": list(ds.class_names),
+            "splits": {split: {"split": ds.specs[split], "examples": ds.sizes[split]} for split in ds.sizes}}
+
+
+def _log_data(summary: dict[str, Any]) -> None:
+    classes = summary["classes"]
+    shown = ", ".join(classes[:20]) + (f", ... ({len(classes) - 20} more)" if len(classes) > 20 else "")
+    splits = "; ".join(f"{name} {s['split']!r}: {s['examples']} examples" for name, s in summary["splits"].items())
+    logging.info("data: %s; %s; %d classes: %s", summary["source"], splits, len(classes), shown)
+
+
+def _resume(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
+            params: Any) -> tuple[int | None, dict[str, Any], bool]:
+    """(newest checkpoint's step or None, its meta or a fresh one, whether an allowed recipe change was recorded).
+
+    Refuses another run's checkpoints (CheckpointMismatchError) and a changed recipe unless
+    config.allow_recipe_change (RecipeChangedError); an allowed change joins the meta's `recipe_changes`.
+    """
+    identity, recipe = checkpoint.identity(cfg, params), checkpoint.recipe(cfg)
+    latest = ckpt.latest_meta()
+    if latest is None:
+        return None, {"identity": identity, "recipe": recipe, "recipe_changes": [], "history": [],
+                      "phase_results": [], "phase": 0, "phase_step": 0}, False
+    step, meta = latest
+    checkpoint.check_identity(meta["identity"], identity, ckpt.manager.directory)
+    if "recipe" not in meta:  # written before tljax recorded recipes: nothing to compare with
+        logging.warning("checkpoint %d records no recipe (an older tljax wrote it); resuming with this config's",
+                        step)
+        meta.update(recipe=recipe, recipe_changes=[])
+    changes = checkpoint.recipe_changes(meta["recipe"], recipe)
+    listing = checkpoint.format_changes(changes)
+    if changes and not cfg.allow_recipe_change:
+        raise checkpoint.RecipeChangedError(
+            f"the config changes the recipe of the run in {ckpt.manager.directory} (checkpoint {step}):\n{listing}"
+            "\nRestore those values, use a new --workdir, or pass --config.allow_recipe_change=True to continue "
+            "with the new recipe (the change is recorded in the run's history)."
+        )
+    if changes:
+        logging.warning("recipe changed at step %d (config.allow_recipe_change):\n%s", step, listing)
+        meta["recipe"] = recipe
+        meta["recipe_changes"].append({"step": step, "changes": changes})
+    logging.info("resuming from step %d (phase %d, step %d of it)", step, meta["phase"], meta["phase_step"])
+    return step, meta, bool(changes)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains every phase of `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+    Raises preemption.Preempted after saving when SIGTERM arrives, and checkpoint.CheckpointMismatchError (or
+    RecipeChangedError) for a workdir whose checkpoints another run or recipe wrote.
+    """
     config_lib.validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     par = parallel.create(cfg.parallelism)
     model, variables, prep, ds, description = _build_model(cfg, workdir)
+    _log_data(data_summary(ds))
     is_main = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-    identity = checkpoint.identity(cfg, variables["params"])
-    micro = parallel.micro_batches(ds.eval_batch_size // jax.device_count())
-    eval_fns = [par.compile(functools.partial(steps.eval_step, model=model, on_features=f, micro_batches=micro),
-                            donate=False) for f in (False, True)]
-    run_ = Run(cfg, workdir, model, ds, par, ckpt, metrics.Writer(workdir, is_main), identity, is_main, *eval_fns)
-    if is_main:
-        with open(os.path.join(workdir, "prep.json"), "w") as f:
-            f.write(prep.to_json())
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(cfg.to_json_best_effort(indent=1))
-        with open(os.path.join(workdir, restore.MODEL_FILE), "w") as f:
-            json.dump(description, f, indent=1)
-
-    latest = ckpt.latest_meta()
-    if latest is not None:
-        checkpoint.check_identity(latest[1]["identity"], identity, ckpt.manager.directory)
-        meta = latest[1]
-        run_.writer.truncate_after(latest[0])
-        logging.info("resuming from step %d (phase %d, step %d of it)", latest[0], meta["phase"], meta["phase_step"])
-    else:
-        meta = {"identity": identity, "history": [], "phase_results": [], "phase": 0, "phase_step": 0}
-
-    previous = signal.signal(signal.SIGTERM, lambda *_: run_.preempted.__setitem__(0, True))
+    writer = None
     try:
-        state = _run_phases(run_, variables, meta, latest)
-        return _finish(run_, state, variables, meta)
+        latest, meta, recipe_changed = _resume(cfg, ckpt, variables["params"])
+        if is_main and (latest is None or recipe_changed):
+            workdir_lib.write_description(workdir, cfg, prep, description)
+        writer = metrics.Writer(workdir, is_main, resume_step=latest)
+        micro = parallel.micro_batches(ds.eval_batch_size // jax.device_count())
+        eval_fns = [par.compile(functools.partial(steps.eval_step, model=model, on_features=f, micro_batches=micro),
+                                donate=False) for f in (False, True)]
+        with preemption.Preemption(par) as notice:
+            run_ = Run(cfg, workdir, model, ds, par, ckpt, writer, is_main, notice, *eval_fns)
+            state = _run_phases(run_, variables, meta, latest)
+            return _finish(run_, state, variables, meta)
     finally:
-        signal.signal(signal.SIGTERM, previous)
-        run_.writer.close()
+        if writer is not None:
+            writer.close()
         ckpt.close()
 
 
-def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: tuple[int, dict] | None) -> Any:
+def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: int | None) -> Any:
+    """Trains the phases from the checkpoint `latest` (None: from the start); returns the final state."""
     cfg, ds = run.config, run.data
     host = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     rng, step = jax.random.PRNGKey(cfg.seed), 0
-    last_saved = latest[0] if latest else None
-    state = None
+    last_saved, state = latest, None
     for k, phase in enumerate(cfg.phases):
         if latest is not None and k < meta["phase"]:
             continue
@@ -272,17 +341,13 @@ def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: tuple[i
         fresh = steps.create_state(host, tx, rng, step)
         start = 0
         if latest is not None and k == meta["phase"]:
-            fresh = run.ckpt.restore_state(latest[0], fresh)
+            fresh = run.ckpt.restore_state(latest, fresh)
             start = meta["phase_step"]
-            latest = None
+            step = int(fresh.step) - start
         state = run.par.put_state(fresh)
         if start < total:
-            state = _train_phase(run, k, state, labels, tx, start, meta, last_saved)
-            val = meta["history"][-1]  # the phase ends with an epoch's validation
-            result = {"name": phase.name, "steps": total, "val_accuracy": val["val_accuracy"],
-                      "val_loss": val["val_loss"]}
-            meta["phase_results"] = meta["phase_results"][:k] + [result]  # a lengthened phase replaces its entry
-            last_saved = _save(run, state, {**meta, "phase": k, "phase_step": total})
+            state = _train_phase(run, k, state, labels, tx, start, step, meta, last_saved)
+            last_saved = step + total
         host_state = jax.device_get(run.par.get_state(state))
         host = {"params": host_state.params, "batch_stats": host_state.batch_stats}
         rng, step = host_state.rng, int(host_state.step)
@@ -295,6 +360,7 @@ def _finish(run: Run, state: Any, variables: dict, meta: dict[str, Any]) -> dict
     cfg = run.config
     params = variables["params"]
     summary = {
+        "data": data_summary(run.data),
         "phases": meta["phase_results"],
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],

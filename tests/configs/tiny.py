@@ -20,4 +20,5 @@ def get_config(folder: str = ""):
                      optimizer={"name": "sgd", "learning_rate": 1e-2, "momentum": 0.9}),
     ]
     cfg.checkpoint_every_steps = 2
+    cfg.log_every_steps = 3  # two train_step_* points per 6-step epoch
     return cfg
