@@ -87,7 +87,7 @@ def test_batch_not_divisible_by_devices_is_refused_before_compiling(folder, tmp_
     result = train_util.cli(folder, tmp_path / "run", "--config.data.batch_size=6", env=FOUR_DEVICES)
     assert result.returncode != 0
     assert "divisible" in result.stderr and "4" in result.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(tmp_path / "run" / "checkpoints")
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before the run made anything
 
 
 def _wait_for_checkpoint(workdir, minimum: int, process: subprocess.Popen) -> None:
@@ -248,21 +248,14 @@ def test_two_processes_stopped_by_sigterm_to_one_resume_to_match_one_process(fol
 
 
 def test_cached_features_give_the_same_head_as_running_the_backbone(folder, tmp_path):
-    states = {}
+    states, summaries = {}, {}
     for cached in (False, True):
         cfg = tiny.get_config(str(folder))
         cfg.phases = cfg.phases[:1]
         cfg.phases[0].cache_features = cached
         cfg.model.head.dropout = 0.3  # the head's dropout masks must match too
-        summary = train.run(cfg, str(tmp_path / str(cached)))
+        summaries[cached] = train.run(cfg, str(tmp_path / str(cached)))
         states[cached] = train_util.final_state(tmp_path / str(cached))
-        assert summary["phases"][0]["val_accuracy"] >= 0
     train_util.assert_same_params(states[False], states[True], atol=1e-6)
-    assert not (tmp_path / "True" / "features").exists()
-
-
-def test_cached_features_refuse_a_trainable_backbone(folder, tmp_path):
-    cfg = tiny.get_config(str(folder))
-    cfg.phases[1].cache_features = True
-    with pytest.raises(ValueError, match="cache_features needs the whole backbone frozen"):
-        train.run(cfg, str(tmp_path))
+    for key in ("val_accuracy", "val_loss"):
+        assert summaries[True]["phases"][0][key] == pytest.approx(summaries[False]["phases"][0][key], abs=1e-6)
