@@ -1,4 +1,5 @@
-"""The Keras side of the parity tests: Keras Applications models with calibrated BatchNorm, in float64.
+"""The Keras side of the parity tests: Keras Applications models with calibrated BatchNorm (ConvNeXt: with random
+LayerNorm, bias and layer-scale parameters), in float64.
 
 `make(directory, names)` runs this module in a subprocess on Keras's TensorFlow backend (it builds and runs the
 deep models ~10x faster than the JAX backend does op by op, and needs no global float64 switch in the test
@@ -8,12 +9,13 @@ process). For each Keras Applications model it writes, into `directory/<name>/`:
   * `reference.npz`: `images`, two 0..255 RGB images (float64) whose normalisation is standard normal (the
     distribution the statistics are calibrated on); `inputs`, their normalisation as Keras computes it (what tljax's
     model should receive: `preprocess_input` for ResNet/VGG, the output of EfficientNet's in-model Rescaling and
-    Normalization); `logits` (float64) and `<layer>` outputs where asked for;
+    Normalization, of ConvNeXt's in-model Normalization); `logits` (float64) and `<layer>` outputs where asked for;
   * `layers.json`: the names of the layers that hold weights, in `model.layers` order (Keras 3 files number layers
-    by class in that order).
+    by class in that order), a nested Sequential's as `sequential/layer`.
 BatchNorm statistics are calibrated as in tests/torch_reference.py: random gamma U(0.5, 1.5) and beta N(0, 0.1),
 the cumulative average over three train-mode passes on random normalised images, then every statistic times
-U(0.9, 1.1).
+U(0.9, 1.1). ConvNeXt has no BatchNorm: the parameters Keras initialises to constants (LayerNorm gamma and beta,
+biases, layer scales of 1e-6, which would make every block nearly the identity) get random values instead.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ NORMALIZATION = ((0.5, 0.45, 0.4), (0.06, 0.05, 0.04))
 # such a file, and its reference logits are those of the model Keras builds for it: the same weights with the extra
 # rescaling folded into the stem kernel's input channels.
 IMAGENET_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# ConvNeXt's in-model Normalization: ImageNet's mean and std on 0..255 values.
+CONVNEXT_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 # Extra layer outputs to record, per model.
 OUTPUTS = {"VGG16": ("block5_pool", "fc2")}
 
@@ -68,6 +72,24 @@ def _calibrate(model, keras, model_input, rng: np.random.Generator) -> None:
         gamma, beta, mean, var = layer.get_weights()
         layer.set_weights(_float32_values([gamma, beta, mean * rng.uniform(0.9, 1.1, mean.shape),
                                            var * rng.uniform(0.9, 1.1, var.shape)]))
+
+
+def _randomize_constants(model, rng: np.random.Generator) -> None:
+    """Random values for every weight Keras initialises to a constant: scales (all ones) U(0.5, 1.5), the rest
+    (zero biases and betas, 1e-6 layer scales) N(0, 0.1)."""
+    for layer in model.layers:
+        weights = layer.get_weights()
+        for i, w in enumerate(weights):
+            if w.size and np.ptp(w) == 0:
+                weights[i] = rng.uniform(0.5, 1.5, w.shape) if np.all(w == 1) else rng.normal(0.0, 0.1, w.shape)
+        layer.set_weights(_float32_values(weights))
+
+
+def _weighted_layers(model, keras) -> list[str]:
+    """The names of the layers holding weights in `model.layers` order, a nested Sequential's as `seq/layer`."""
+    return [f"{layer.name}/{inner.name}" if isinstance(layer, keras.Sequential) else layer.name
+            for layer in model.layers for inner in (layer.layers if isinstance(layer, keras.Sequential) else [layer])
+            if inner.weights]
 
 
 def _he_init(model, rng: np.random.Generator) -> None:
@@ -113,7 +135,9 @@ def _write(name: str, folder: Path) -> None:
     keras.config.set_dtype_policy("float64")
     rng = np.random.default_rng(0)
     arch, _, variant = name.partition("_")
-    family = "resnet" if arch.startswith("ResNet") else "vgg16" if arch == "VGG16" else "efficientnet"
+    family = ("resnet" if arch.startswith("ResNet") else "vgg16" if arch == "VGG16" else
+              "convnext" if arch.startswith("ConvNeXt") else "efficientnet")
+    in_model = family in ("efficientnet", "convnext")  # the model normalises its 0..255 input itself
     keras.utils.set_random_seed(0)
     size = 224 if family == "vgg16" else SIZE
     model = getattr(keras.applications, arch)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
@@ -126,14 +150,18 @@ def _write(name: str, folder: Path) -> None:
         """0..255 RGB images whose normalisation (the model's preprocessing) is `x`."""
         if family == "efficientnet":
             return (x * std + np.asarray(NORMALIZATION[0] if variant != "imagenet" else IMAGENET_NORMALIZATION[0])) * 255
+        if family == "convnext":
+            return (x * np.asarray(CONVNEXT_NORMALIZATION[1]) + np.asarray(CONVNEXT_NORMALIZATION[0])) * 255
         return (x + np.asarray(CAFFE_MEAN_BGR))[..., ::-1]  # caffe: BGR, the ImageNet mean subtracted
 
     def model_input(images: np.ndarray) -> np.ndarray:
-        """What the Keras model takes: EfficientNet normalises inside the model, ResNet and VGG outside it."""
-        return images if family == "efficientnet" else getattr(keras.applications, family).preprocess_input(images)
+        """What the Keras model takes: EfficientNet and ConvNeXt normalise inside the model, ResNet and VGG outside."""
+        return images if in_model else getattr(keras.applications, family).preprocess_input(images)
 
     if family == "vgg16":
         _he_init(model, rng)
+    elif family == "convnext":
+        _randomize_constants(model, rng)
     else:
         _calibrate(model, keras, lambda x: model_input(images_of(x)), rng)
 
@@ -149,9 +177,11 @@ def _write(name: str, folder: Path) -> None:
         (folder / name64).unlink()
 
     images = images_of(rng.normal(size=(2, size, size, 3)))
-    if family == "efficientnet":
-        # The backbone's input as Keras computes it (its Rescaling constant is float32: ~1e-7 from the exact value).
-        inputs = np.asarray(keras.Model(model.input, model.get_layer("normalization").output)(images))
+    if in_model:
+        # The backbone's input as Keras computes it (EfficientNet's Rescaling constant is float32: ~1e-7 from the
+        # exact value).
+        normalization = "normalization" if family == "efficientnet" else f"{model.name}_prestem_normalization"
+        inputs = np.asarray(keras.Model(model.input, model.get_layer(normalization).output)(images))
         if variant == "imagenet":
             inputs = inputs / np.sqrt(std)  # the Rescaling(1 / sqrt(std)) Keras adds, folded into the stem below
             stem = model.get_layer("stem_conv")
@@ -163,7 +193,7 @@ def _write(name: str, folder: Path) -> None:
         inner = keras.Model(model.input, model.get_layer(layer).output)
         outputs[layer] = np.asarray(inner(model_input(images.copy())))
     np.savez(folder / "reference.npz", **outputs)
-    (folder / "layers.json").write_text(json.dumps([layer.name for layer in model.layers if layer.weights]))
+    (folder / "layers.json").write_text(json.dumps(_weighted_layers(model, keras)))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,20 @@ import pytest
 
 from tests import keras_reference, parity
 from tljax import models, pretrained
+from tljax.pretrained.mappings import convnext as convnext_tables
 from tljax.pretrained.mappings import efficientnet as efficientnet_tables
 from tljax.pretrained.mappings import resnet as resnet_tables
 from tljax.pretrained.mappings import vgg as vgg_tables
-from tljax.pretrained.prep import KERAS_CAFFE
+from tljax.pretrained.prep import KERAS_CAFFE, TORCHVISION
 
 # Keras Applications model -> tljax model.
 PRESETS = {
     **{f"ResNet{d}": f"resnet{d}" for d in (50, 101, 152)},
     **{f"EfficientNetB{i}": f"efficientnet_b{i}" for i in range(8)},
     "VGG16": "vgg16",
+    # ConvNeXt-T: the other variants differ in depth, width and their name prefix only, which the table takes from the
+    # backbone (test_keras_convnext_names_follow_keras_configs checks the prefixes against Keras's configurations).
+    "ConvNeXtTiny": "convnext_tiny",
 }
 LAYOUTS = ("legacy.h5", "model.weights.h5")
 
@@ -60,6 +64,8 @@ def test_logits_match_keras(references, arch):
         assert prep.scale == 1 / 255 and not prep.bgr
         np.testing.assert_allclose(prep.mean, mean, rtol=1e-6)
         np.testing.assert_allclose(prep.std, np.sqrt(variance), rtol=1e-6)
+    elif name.startswith("convnext"):  # ImageNet's mean and std, which the model applies to 0..255 inputs itself
+        assert (prep.mean, prep.std, prep.scale, prep.bgr) == (TORCHVISION.mean, TORCHVISION.std, 1 / 255, False)
     else:
         assert (prep.mean, prep.std, prep.scale, prep.bgr) == (KERAS_CAFFE.mean, KERAS_CAFFE.std, 1.0, True)
     _assert_prep_matches_keras(prep, reference)
@@ -97,7 +103,7 @@ def test_vgg16_new_head_on_keras_weights(references, fc, keras_layer):
 
 
 @pytest.mark.parametrize("arch, fc", [("ResNet101", None), ("EfficientNetB3", None), ("VGG16", False),
-                                      ("VGG16", True)])
+                                      ("VGG16", True), ("ConvNeXtTiny", None)])
 def test_keras_tables_follow_keras_layer_order(references, arch, fc):
     """Keras 3 files name layers by class ordinal in `model.layers` order: the tables must list them in that order
     (VGG16's with or without fc layers in the backbone: the file's classifier is listed either way)."""
@@ -107,6 +113,23 @@ def test_keras_tables_follow_keras_layer_order(references, arch, fc):
         table = vgg_tables.keras(models.create(name, 1, fc=fc).backbone)
     elif arch.startswith("ResNet"):
         table = resnet_tables.keras(models.create(name, 1, style="keras").backbone)
+    elif arch.startswith("ConvNeXt"):
+        table = convnext_tables.keras(models.create(name, 1).backbone)
     else:
         table = efficientnet_tables.keras(models.create(name, 1, style="tf").backbone)
     assert [layer.source for layer in table] == weighted
+
+
+def test_keras_convnext_names_follow_keras_configs():
+    """Keras names a ConvNeXt's layers after its variant; the variant each tljax preset maps to has the same blocks
+    and widths in Keras's own configurations (Keras Applications' MODEL_CONFIGS)."""
+    from keras.src.applications.convnext import MODEL_CONFIGS
+
+    for name in ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge"):
+        backbone = models.create(name, 1).backbone
+        variant = convnext_tables.KERAS_NAMES[(backbone.depths, backbone.widths)]
+        assert variant == name
+        keras_config = MODEL_CONFIGS[variant.removeprefix("convnext_")]
+        assert (list(backbone.depths), list(backbone.widths)) == (keras_config["depths"],
+                                                                  keras_config["projection_dims"])
+        assert next(iter(convnext_tables.keras(backbone))).source == f"{name}_stem/{name}_stem_conv"

@@ -1,4 +1,5 @@
-"""The PyTorch side of the parity tests: real torchvision, timm and lukemelas models with calibrated BatchNorm.
+"""The PyTorch side of the parity tests: real torchvision, timm and lukemelas models with calibrated BatchNorm (or,
+for the LayerNorm networks, random norm, bias and layer-scale parameters).
 
 Needs the `parity` extra (torch, torchvision, timm, efficientnet_pytorch, efficientnet_lite_pytorch); never imported
 by tljax itself.
@@ -15,15 +16,18 @@ import torch
 
 
 def _timm(name: str, size: int) -> torch.nn.Module:
+    """timm's model `name` with a 1000-way classifier (DINOv2's default has none); a ViT is built for `size` px
+    (its position embeddings have that grid)."""
     import timm
 
-    return timm.create_model(name)
+    return timm.create_model(name, num_classes=1000, **({"img_size": size} if name.startswith("vit_") else {}))
 
 
 def _torchvision(name: str, size: int) -> torch.nn.Module:
+    """torchvision's model `name`; a ViT is built for `size` px (its position embeddings have that grid)."""
     import torchvision
 
-    return getattr(torchvision.models, name)()
+    return getattr(torchvision.models, name)(**({"image_size": size} if name.startswith("vit_") else {}))
 
 
 def _lukemelas(name: str, size: int) -> torch.nn.Module:
@@ -74,6 +78,26 @@ def calibrate_batchnorm(model: torch.nn.Module, size: int = 64, seed: int = 0) -
             for stat in (m.running_mean, m.running_var):
                 stat.mul_(torch.empty_like(stat).uniform_(0.9, 1.1, generator=g))
     return model
+
+
+def randomize_constants(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random values for every parameter its library initialises to a constant or to almost nothing (biases,
+    LayerNorm scales, layer scales, class and register tokens): scales U(0.5, 1.5), the others N(0, 0.1) (as
+    `calibrate_batchnorm` draws BatchNorm's); eval mode.
+
+    With them at their initial values (layer scales of 1e-6, zero biases and tokens) a transformer or ConvNeXt block
+    adds next to nothing to its input, so a wrong mapping of most of its weights would go unseen.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.numel() > 1 and p.std() > 1e-3:
+                continue
+            if p.numel() > 0 and p.abs().mean() > 0.5:  # a scale initialised to 1
+                p.uniform_(0.5, 1.5, generator=g)
+            else:
+                p.normal_(0.0, 0.1, generator=g)
+    return model.eval()
 
 
 def save(model: torch.nn.Module, path: Path) -> Path:

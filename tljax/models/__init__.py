@@ -1,6 +1,8 @@
 """Model registry: `create(name, num_classes)` builds a backbone + head `Classifier`.
 
-Each family file (resnet, efficientnet, vgg) holds one architecture and its presets; this module only looks names up.
+Each family file (resnet, efficientnet, vgg, vit, convnext) holds one architecture and its presets, and its
+backbone says in which order its modules lie (`depth_order`, for layer-wise learning-rate decay) and what its stages
+are (`unfreeze_stages`, for gradual unfreezing); this module only looks names up.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from tljax.models import efficientnet, resnet, vgg
+from tljax.models import convnext, efficientnet, resnet, vgg, vit
 from tljax.models.head import Classifier, Head
 
-FAMILIES: dict[str, ModuleType] = {"resnet": resnet, "efficientnet": efficientnet, "vgg": vgg}
+FAMILIES: dict[str, ModuleType] = {"resnet": resnet, "efficientnet": efficientnet, "vgg": vgg, "vit": vit,
+                                   "convnext": convnext}
 _FAMILY_OF = {name: family for family, module in FAMILIES.items() for name in module.PRESETS}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -26,7 +29,8 @@ def names() -> list[str]:
 
 
 def family(name: str) -> str:
-    """The family ("resnet", "efficientnet", "vgg") a model name belongs to; a clear error for unknown names."""
+    """The family ("resnet", "efficientnet", "vgg", "vit", "convnext") a model name belongs to; a clear error for
+    unknown names."""
     if name not in _FAMILY_OF:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
     return _FAMILY_OF[name]
@@ -63,4 +67,26 @@ def create(
     return Classifier(backbone=backbone, head=head)
 
 
-__all__ = ["Classifier", "Head", "create", "family", "names"]
+def layer_depths(model: Classifier) -> dict[str, int]:
+    """Each top-level module's depth, for layer-wise learning-rate decay: {"backbone/stage1_block0": 1, ...,
+    "head": D}.
+
+    Depth counts blocks from the stem: the stem is at 0, each block (a ResNet residual block, an EfficientNet MBConv
+    block, a VGG convolution, a ViT or ConvNeXt block) one deeper, in the order the image passes them, and the head is
+    at the top depth D, together with the backbone's layers after its last block (EfficientNet's head_conv and
+    head_bn, VGG's fc1 and fc2, the final LayerNorm of ViT and ConvNeXt). A ViT's stem is its embedding (patches,
+    tokens, position embeddings); a ConvNeXt stage's downsampling shares its first block's depth. The backbone's
+    `depth_order` defines its part.
+    """
+    order = model.backbone.depth_order()
+    depths = {f"backbone/{name}": depth for depth, group in enumerate(order) for name in group}
+    return {**depths, "head": len(order) - 1}
+
+
+def unfreeze_stages(name: str) -> list[str]:
+    """Model `name`'s stages from the stem up, each a regular expression over its backbone's top-level module names
+    (matched whole), for gradual unfreezing (`config.unfreeze_schedule`); the stem opens with the first stage."""
+    return create(name, 1).backbone.unfreeze_stages()
+
+
+__all__ = ["Classifier", "Head", "create", "family", "layer_depths", "names", "unfreeze_stages"]

@@ -204,6 +204,19 @@ class EfficientNet(nn.Module):
         x = activation(norm("head_bn")(x))
         return global_avg_pool(x)
 
+    def depth_order(self) -> list[tuple[str, ...]]:
+        """The top-level modules by depth, for layer-wise learning-rate decay (`models.layer_depths`): entry d names
+        the modules at depth d. The stem is at 0, each MBConv block one deeper, in the order the image passes them;
+        the last entry, the top depth that the head shares, holds the head convolution and its BatchNorm."""
+        return [("stem_conv", "stem_bn"), *[(spec.name,) for spec in self.blocks()], ("head_conv", "head_bn")]
+
+    def unfreeze_stages(self) -> list[str]:
+        """One regular expression over the top-level module names per stage, from the stem up, for gradual
+        unfreezing (`config.unfreeze_schedule`): stage1 (with the stem, so that opening every stage trains the
+        whole backbone) to stage7 (with head_conv and head_bn, which come after it)."""
+        stages = [rf"stage{s + 1}_block\d+" for s in range(len(BASE_STAGES))]
+        return [r"stem_(?:conv|bn)|" + stages[0], *stages[1:-1], stages[-1] + r"|head_(?:conv|bn)"]
+
 
 def _variant(width: float, depth: float, size: int, **kwargs: Any) -> Callable[..., EfficientNet]:
     return functools.partial(EfficientNet, width=width, depth=depth, native_size=size, **kwargs)

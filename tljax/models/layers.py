@@ -90,6 +90,27 @@ def batch_norm(train: bool, epsilon: float, name: str | None = None, axis_name: 
                      trained_modules=trained_modules)
 
 
+def layer_norm(epsilon: float, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the last axis (Flax names: `scale`, `bias`), as PyTorch and Keras compute it: two-pass
+    statistics (no E[x^2] - E[x]^2 shortcut, which loses digits when a token's mean dwarfs its spread).
+
+    It computes and returns float32 (float64 for float64 inputs) whatever the compute dtype: the parameters are
+    float32 and `dtype=None` promotes to them, so mixed precision keeps the normalisation exact.
+    """
+    return nn.LayerNorm(epsilon=epsilon, dtype=None, use_fast_variance=False, name=name)
+
+
+def drop_path(module: nn.Module, branch: jax.Array, rate: float, train: bool) -> jax.Array:
+    """Stochastic depth on a residual branch: in training mode each example's branch is dropped with probability
+    `rate` and kept ones are scaled by 1 / (1 - rate) (timm's and Keras's DropPath), drawn from `module`'s "dropout"
+    RNG stream; the identity in inference mode."""
+    if not train or rate == 0:
+        return branch
+    keep = 1.0 - rate
+    alive = jax.random.bernoulli(module.make_rng("dropout"), keep, (branch.shape[0],) + (1,) * (branch.ndim - 1))
+    return jnp.where(alive, branch / keep, 0).astype(branch.dtype)
+
+
 def global_avg_pool(x: jax.Array) -> jax.Array:
     """Mean over the spatial axes, in float32 (or wider)."""
     return jnp.mean(at_least_f32(x), axis=(1, 2))

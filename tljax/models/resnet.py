@@ -88,6 +88,20 @@ class ResNet(nn.Module):
                 x = block(x, train)
         return global_avg_pool(x)
 
+    def depth_order(self) -> list[tuple[str, ...]]:
+        """The top-level modules by depth, for layer-wise learning-rate decay (`models.layer_depths`): entry d names
+        the modules at depth d. The stem is at 0, each residual block one deeper, in the order the image passes
+        them; the last entry, the top depth that the head shares, holds no ResNet module (pooling has no weights)."""
+        blocks = [(f"stage{s + 1}_block{b}",) for s, size in enumerate(self.stage_sizes) for b in range(size)]
+        return [("stem_conv", "stem_bn"), *blocks, ()]
+
+    def unfreeze_stages(self) -> list[str]:
+        """One regular expression over the top-level module names per stage, from the stem up, for gradual
+        unfreezing (`config.unfreeze_schedule`): stage1 (with the stem, so that opening every stage trains the
+        whole backbone), stage2, ..."""
+        stages = [rf"stage{s + 1}_block\d+" for s in range(len(self.stage_sizes))]
+        return [r"stem_(?:conv|bn)|" + stages[0], *stages[1:]]
+
 
 PRESETS = {
     "resnet18": functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), bottleneck=False),

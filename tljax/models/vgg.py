@@ -68,5 +68,20 @@ class VGG(nn.Module):
             x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return at_least_f32(x)
 
+    def depth_order(self) -> list[tuple[str, ...]]:
+        """The top-level modules by depth, for layer-wise learning-rate decay (`models.layer_depths`): entry d names
+        the modules at depth d. VGG has no stem: depth 0 is empty and each convolution is one deeper than the one
+        before (block1_conv1 at 1); the last entry, the top depth that the head shares, holds fc1 and fc2 (with
+        `fc`)."""
+        convs = [(f"block{b + 1}_conv{i + 1}",) for b, (_, count) in enumerate(self.blocks) for i in range(count)]
+        return [(), *convs, ("fc1", "fc2") if self.fc else ()]
+
+    def unfreeze_stages(self) -> list[str]:
+        """One regular expression over the top-level module names per block of convolutions, from the input up,
+        for gradual unfreezing (`config.unfreeze_schedule`): block1 to block5, the last with fc1 and fc2 (which a
+        model name does not say whether it has: they match nothing without `fc`)."""
+        stages = [rf"block{b + 1}_conv\d+" for b in range(len(self.blocks))]
+        return [*stages[:-1], stages[-1] + "|fc1|fc2"]
+
 
 PRESETS = {"vgg16": functools.partial(VGG, blocks=VGG16_BLOCKS)}

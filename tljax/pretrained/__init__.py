@@ -3,9 +3,9 @@
     model, variables, prep = pretrained.load("resnet50", "resnet50.safetensors", num_classes=10)
     logits = model.apply(variables, prep.normalize(images), train=False)   # images: NHWC RGB 0..255
 
-`source` is a local file (`.safetensors`, `.pth`/`.pt`, Keras `.h5` / `.weights.h5`, or a model exported by
-`python -m tljax.export`) or a known weight name (`hub.KNOWN`, e.g. "torchvision/resnet50.IMAGENET1K_V2"), downloaded
-once into a checksummed cache.
+`source` is a local file (`.safetensors`, `.pth`/`.pt`, Keras `.h5` / `.weights.h5`, Google's JAX `.npz`, or a
+model exported by `python -m tljax.export`) or a known weight name (`hub.KNOWN`, e.g.
+"torchvision/resnet50.IMAGENET1K_V2"), downloaded once into a checksummed cache.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _num_classes_in_file(arrays: dict[str, np.ndarray], layers: list[Layer], fmt
         key, axis = "params/head/out/kernel", -1
     else:
         source = next(layer.source for layer in layers if layer.target == "head/out")
-        key, axis = (f"{source}.weight", 0) if fmt == "torch" else (f"{source}/0", -1)
+        key, axis = {"torch": (f"{source}.weight", 0), "flax": (f"{source}/kernel", -1)}.get(fmt, (f"{source}/0", -1))
     if key not in arrays:
         raise WeightsMismatchError(
             f"the weights hold no classifier ({key} is absent: a feature-extractor / 'notop' file?); "
@@ -54,13 +54,18 @@ class Weights:
     name: str
     path: str
     arrays: dict[str, np.ndarray]
-    format: str  # "torch", "keras" or "tljax" (an export: keys are variable paths): the key form of `arrays`
+    format: str  # "torch", "keras", "flax" or "tljax" (an export: keys are variable paths): the key form of `arrays`
     convention: mappings.Convention  # for an export, `exported.convention`: the file's own model
     create_kwargs: dict[str, Any]
     prep: Preprocessing
 
-    def build(self, num_classes: int | None = None, seed: int = 0) -> tuple[Classifier, dict]:
-        """(model, variables): the file's classifier when num_classes is None, else a new head seeded by `seed`."""
+    def build(self, num_classes: int | None = None, seed: int = 0,
+              image_size: int | None = None) -> tuple[Classifier, dict]:
+        """(model, variables): the file's classifier when num_classes is None, else a new head seeded by `seed`.
+
+        image_size: the input size to build for (default: `prep.image_size`, the weights' own); a ViT's position
+        embeddings are resampled to its grid of patches.
+        """
         keep_head = num_classes is None
         kwargs = {**self.create_kwargs, **(self.convention.classifier_kwargs if keep_head else {})}
         probe = models.create(self.name, 1, **kwargs)
@@ -69,7 +74,8 @@ class Weights:
         model = models.create(self.name, classes, **kwargs)
 
         rng = jax.random.key(seed)
-        image = jax.ShapeDtypeStruct((1, self.prep.image_size, self.prep.image_size, 3), jnp.float32)
+        size = image_size or self.prep.image_size
+        image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
         abstract = jax.eval_shape(functools.partial(model.init, train=False), {"params": rng, "dropout": rng}, image)
         variables = convert(self.arrays, layers, abstract, self.format, not keep_head, f"weights in {self.path}")
         if not keep_head:
@@ -84,11 +90,11 @@ def _keras3_to_keras(arrays: dict[str, np.ndarray], family: str, name: str, crea
     keras = [c for c in mappings.conventions(family).values() if c.format == "keras"][0]
     probe = models.create(name, 1, **{**create_kwargs, **keras.backbone_kwargs})
     renamed = keras3_names(keras.layers(probe.backbone))
-    unknown = sorted(k for k in arrays if k.split("/")[0] not in renamed)
+    unknown = sorted(k for k in arrays if k.rpartition("/")[0] not in renamed)
     if unknown:
         raise WeightsMismatchError(
             f"{path}: Keras 3 layers with no counterpart in Keras's {name}: {', '.join(unknown[:20])}")
-    return {f"{renamed[k.split('/')[0]]}/{k.split('/')[1]}": v for k, v in arrays.items()}
+    return {f"{renamed[k.rpartition('/')[0]]}/{k.rpartition('/')[2]}": v for k, v in arrays.items()}
 
 
 def read(name: str, source: str | os.PathLike, *, convention: str | None = None, **create_kwargs: Any) -> Weights:
@@ -119,6 +125,7 @@ def load(
     *,
     convention: str | None = None,
     seed: int = 0,
+    image_size: int | None = None,
     **create_kwargs: Any,
 ) -> tuple[Classifier, dict, Preprocessing]:
     """Builds model `name` and fills it with the weights in `source`.
@@ -126,13 +133,15 @@ def load(
     num_classes: None keeps the checkpoint's classifier (for a tljax export: the exported model exactly); an int
     puts a freshly initialised head of that size, built from `create_kwargs`, on the pretrained backbone (seeded by
     `seed`).
+    image_size: the input size the model is built for (default: the weights' own, `prep.image_size`); a ViT's
+    position embeddings are resampled to its grid of patches (bicubic, as timm does).
     convention: the naming convention (e.g. "torchvision", "timm", "lukemelas", "keras"); detected from the keys
     when None.
     create_kwargs: passed to `models.create` (head_hidden, head_activation, head_dropout, dtype).
     Returns (model, variables, prep): variables = {"params", "batch_stats"}; prep = the input the weights expect.
     """
     weights = read(name, source, convention=convention, **create_kwargs)
-    model, variables = weights.build(num_classes, seed)
+    model, variables = weights.build(num_classes, seed, image_size)
     return model, variables, weights.prep
 
 

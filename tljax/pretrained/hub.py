@@ -8,8 +8,8 @@ the cache never holds a partial or altered file. Names under `wheel/` are files 
 found in the installed package and nothing is downloaded.
 
 Checksums are "sha256:<hex>" (the full digest, or the prefix that torchvision puts in its file names and torch.hub
-checks) or "md5:<hex>" (what Keras Applications checks). None means no published digest is known: the file is used,
-and a log line says it was not verified and gives its sha256.
+checks) or "md5:<hex>" (what Keras Applications checks, except for ConvNeXt: sha256). None means no published digest
+is known: the file is used, and a log line says it was not verified and gives its sha256.
 
 A file already there (a cached download, a file the user saved where the cache looks for it, a wheel's file) is
 checked before its first use too, and once per file version: the result is remembered in `<cache>/checked.json`,
@@ -42,7 +42,7 @@ import urllib.request
 from pathlib import Path
 
 from tljax.pretrained.prep import TORCHVISION, Preprocessing
-from tljax.pretrained.readers import KERAS_SUFFIXES, TORCH_SUFFIXES, WeightsFileError
+from tljax.pretrained.readers import KERAS_SUFFIXES, NPZ_SUFFIXES, TORCH_SUFFIXES, WeightsFileError
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,10 @@ def _timm(
     return KnownWeights(model, url, None if sha256 is None else f"sha256:{sha256}", convention, prep)
 
 
-def _keras(model: str, url: str, md5: str) -> KnownWeights:
-    """Keras Applications weights (with the classifier); the md5 is the one Keras's own loader checks."""
-    return KnownWeights(model, url, f"md5:{md5}", "keras")
+def _keras(model: str, url: str, md5: str | None = None, sha256: str | None = None) -> KnownWeights:
+    """Keras Applications weights (with the classifier); the digest is the one Keras's own loader checks (md5, or
+    for ConvNeXt sha256)."""
+    return KnownWeights(model, url, f"md5:{md5}" if md5 else f"sha256:{sha256}", "keras")
 
 
 def _wheel(n: int, file: str, sha256: str) -> KnownWeights:
@@ -126,6 +127,25 @@ _TORCHVISION_EFFICIENTNET = (
 )
 # torchvision's V2 ResNet recipe evaluates at resize 232 / crop 224.
 _TORCHVISION_V2_RESNET = dataclasses.replace(TORCHVISION, crop_fraction=224 / 232)
+# torchvision ConvNeXt files and the resize their eval transform crops 224 px from (bilinear).
+_TORCHVISION_CONVNEXT = (("tiny", "convnext_tiny-983f1562.pth", 236), ("small", "convnext_small-0c510722.pth", 230),
+                         ("base", "convnext_base-6075fbad.pth", 232), ("large", "convnext_large-ea097f82.pth", 232))
+# torchvision's SWAG ViT weights evaluate without a crop, bicubic: end to end at 384 px, the linear probe at 224.
+_SWAG = dataclasses.replace(TORCHVISION, crop_fraction=1.0, interpolation="bicubic")
+_KERAS_CONVNEXT = _KERAS_APPLICATIONS + "convnext/convnext_{}.h5"
+# The sha256 of Keras's ConvNeXt files with their classifier (keras.src.applications.convnext.WEIGHTS_HASHES).
+_KERAS_CONVNEXT_SHA256 = dict(
+    tiny="8ae6e78ce2933352b1ef4008e6dd2f17bc40771563877d156bc6426c7cf503ff",
+    small="ce1277d8f1ee5a0ef0e171469089c18f5233860ceaf9b168049cb9263fd7483c",
+    base="52cbb006d3dadd03f6e095a8ca1aca47aecdd75acb4bc74bce1f5c695d0086e6",
+    large="070c5ed9ed289581e477741d3b34beffa920db8cf590899d6d2c67fba2a198a6",
+    xlarge="c1f5ccab661354fc3a79a10fa99af82f0fbf10ec65cb894a3ae0815f17a889ee")
+# timm's ViTs on the Hugging Face Hub: Google's augreg weights (ImageNet-21k, and fine-tuned on ImageNet-1k at 224 px)
+# by tljax model, and DINOv2 (no classifier: pass num_classes).
+_TIMM_AUGREG = {"vit_tiny_patch16": "vit_tiny_patch16_224", "vit_small_patch16": "vit_small_patch16_224",
+                "vit_base_patch16": "vit_base_patch16_224", "vit_base_patch32": "vit_base_patch32_224",
+                "vit_large_patch16": "vit_large_patch16_224"}
+_DINOV2 = [f"vit_{size}_patch14{reg}_dinov2" for size in ("small", "base", "large") for reg in ("", "_reg4")]
 
 KNOWN: dict[str, KnownWeights] = {
     "torchvision/resnet18.IMAGENET1K_V1": _torchvision("resnet18", "resnet18-f37072fd.pth"),
@@ -158,6 +178,29 @@ KNOWN: dict[str, KnownWeights] = {
     ),
     "timm/efficientnet_b0.ra_in1k": _timm("efficientnet_b0", "efficientnet_b0.ra_in1k", "timm"),
     "timm/tf_efficientnet_b0.ns_jft_in1k": _timm("efficientnet_b0", "tf_efficientnet_b0.ns_jft_in1k", "timm_tf"),
+    # ViT, DINOv2, ConvNeXt: their conventions' inputs (augreg: [-1, 1], bicubic, crop 0.9; DINOv2: ImageNet mean/std,
+    # bicubic, no crop, 518 px; ConvNeXt: ImageNet mean/std, bicubic, crop 0.875). No published digests found.
+    **{f"timm/{timm_name}.{tag}": _timm(model, f"{timm_name}.{tag}", "timm")
+       for model, timm_name in _TIMM_AUGREG.items() for tag in ("augreg_in21k_ft_in1k", "augreg_in21k")},
+    "timm/vit_base_patch16_224.augreg2_in21k_ft_in1k": _timm(
+        "vit_base_patch16", "vit_base_patch16_224.augreg2_in21k_ft_in1k", "timm"),
+    **{f"timm/{name}.lvd142m": _timm(name, f"{name}.lvd142m", "timm") for name in _DINOV2},
+    **{f"timm/convnext_{size}.{tag}": _timm(f"convnext_{size}", f"convnext_{size}.{tag}", "timm")
+       for size in ("tiny", "small", "base", "large") for tag in ("fb_in1k", "fb_in22k_ft_in1k")},
+    "timm/convnext_xlarge.fb_in22k_ft_in1k": _timm("convnext_xlarge", "convnext_xlarge.fb_in22k_ft_in1k", "timm"),
+    "torchvision/vit_b_16.IMAGENET1K_V1": _torchvision("vit_base_patch16", "vit_b_16-c867db91.pth"),
+    "torchvision/vit_b_16.IMAGENET1K_SWAG_E2E_V1": _torchvision(
+        "vit_base_patch16", "vit_b_16_swag-9ac1b537.pth", dataclasses.replace(_SWAG, image_size=384)),
+    "torchvision/vit_b_16.IMAGENET1K_SWAG_LINEAR_V1": _torchvision("vit_base_patch16", "vit_b_16_lc_swag-4e70ced5.pth",
+                                                                   _SWAG),
+    "torchvision/vit_b_32.IMAGENET1K_V1": _torchvision("vit_base_patch32", "vit_b_32-d86f8d99.pth"),
+    "torchvision/vit_l_16.IMAGENET1K_V1": _torchvision(
+        "vit_large_patch16", "vit_l_16-852ce7e3.pth", dataclasses.replace(TORCHVISION, crop_fraction=224 / 242)),
+    **{f"torchvision/convnext_{size}.IMAGENET1K_V1": _torchvision(
+        f"convnext_{size}", file, dataclasses.replace(TORCHVISION, crop_fraction=224 / resize))
+       for size, file, resize in _TORCHVISION_CONVNEXT},
+    **{f"keras/convnext_{size}": _keras(f"convnext_{size}", _KERAS_CONVNEXT.format(size), sha256=sha256)
+       for size, sha256 in _KERAS_CONVNEXT_SHA256.items()},
     "keras/resnet50": _keras("resnet50", _KERAS_RESNET.format("resnet50"), "2cb95161c43110f7111970584f804107"),
     "keras/resnet101": _keras("resnet101", _KERAS_RESNET.format("resnet101"), "f1aeb4b969a6efcfb50fad2f0c20cfc5"),
     "keras/resnet152": _keras("resnet152", _KERAS_RESNET.format("resnet152"), "100835be76be38e30d865e96f2aaae62"),
@@ -359,7 +402,7 @@ def resolve(source: str | os.PathLike, model: str) -> tuple[Path, KnownWeights |
     name = str(source)
     known = KNOWN.get(name)
     if known is None:
-        if path.suffix.lower() in (".safetensors", *TORCH_SUFFIXES, *KERAS_SUFFIXES):
+        if path.suffix.lower() in (".safetensors", *TORCH_SUFFIXES, *KERAS_SUFFIXES, *NPZ_SUFFIXES):
             raise WeightsFileError(f"weights file {path} does not exist")
         close = difflib.get_close_matches(name, KNOWN, n=3, cutoff=0.6)
         for_model = [n for n, k in KNOWN.items() if k.model == model]

@@ -55,3 +55,9 @@ TORCHVISION = Preprocessing()
 # Google's TF EfficientNet(-Lite) checkpoints: inputs in [-1, 1], bicubic resize.
 TF_INCEPTION = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic")
 KERAS_CAFFE = Preprocessing(mean=CAFFE_MEAN_BGR, std=(1.0, 1.0, 1.0), scale=1.0, bgr=True)
+# Google's augreg ViTs, as timm and Google evaluate them: inputs in [-1, 1], bicubic, crop 0.9.
+VIT_AUGREG = dataclasses.replace(TF_INCEPTION, crop_fraction=0.9)
+# ImageNet mean/std with bicubic resizing: timm's ConvNeXt weights (crop 0.875), and DINOv2 (timm's pretrained
+# config: no crop, at the 518 px it was trained at).
+TIMM_BICUBIC = dataclasses.replace(TORCHVISION, interpolation="bicubic")
+DINOV2 = dataclasses.replace(TIMM_BICUBIC, crop_fraction=1.0, image_size=518)

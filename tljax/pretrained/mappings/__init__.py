@@ -22,7 +22,7 @@ from tljax.pretrained.prep import Preprocessing
 class Convention:
     """One way a family's weights are named and laid out.
 
-    format: "torch" (`module.tensor` keys) or "keras" (`layer/index` keys).
+    format: "torch" (`module.tensor` keys), "keras" (`layer/index` keys) or "flax" (`module/leaf` keys, `.npz`).
     signature: a regular expression that some key of every such file matches and no other convention's files do;
         None for a convention whose files cannot be told apart by their keys (chosen by name only).
     layers: the table for a given backbone, in the source model's layer order.
@@ -49,9 +49,10 @@ class Convention:
 
 
 def _family_conventions(family: str) -> tuple[Convention, ...]:
-    from tljax.pretrained.mappings import efficientnet, resnet, vgg
+    from tljax.pretrained.mappings import convnext, efficientnet, resnet, vgg, vit
 
-    return {"resnet": resnet, "efficientnet": efficientnet, "vgg": vgg}[family].CONVENTIONS
+    return {"resnet": resnet, "efficientnet": efficientnet, "vgg": vgg, "vit": vit,
+            "convnext": convnext}[family].CONVENTIONS
 
 
 def conventions(family: str) -> dict[str, Convention]:
