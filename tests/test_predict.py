@@ -21,12 +21,10 @@ def _eval_step_labels(run: restore.TrainedRun, split: str) -> dict[str, int]:
     """{file: label} from the training code's eval step over `split` of the run's data (its pipeline, its batches)."""
     cfg = ml_collections.ConfigDict(run.config.data.to_dict())
     pipe = data.build(cfg, run.prep, seed=0, trained_with=os.path.join(run.workdir, normalize.FILENAME))
-    state = steps.TrainState(step=0, params=run.variables["params"], batch_stats=run.variables["batch_stats"],
-                             opt_state=(), rng=jax.random.key(0))
     fn = jax.jit(functools.partial(steps.eval_step, model=run.model))
     labels = []
     for batch in pipe.eval(split):
-        _, pred = fn(state, batch)
+        _, pred = fn(run.variables, batch)
         labels += list(np.asarray(pred)[batch["mask"] > 0])
     return dict(zip(pipe.records[split].names, labels))
 

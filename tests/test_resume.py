@@ -163,3 +163,19 @@ def test_split_strings_written_for_another_source_are_warned_about(tmp_path):
                                               "--config.data.train_split="))
     assert not main.stale_splits(_config_flag(tmp_path, "--config.data.source=animal_mnist"))
     assert not main.stale_splits(_config_flag(tmp_path, "--config.seed=3"))
+
+
+def test_a_field_an_older_checkpoint_lacks_is_no_change_while_it_keeps_its_default():
+    """A checkpoint written before a field existed (ema_decay, layer_decay, mixup_alpha, ...) resumes under the
+    default value of that field, and is refused as a changed recipe under any other."""
+    cfg = tiny.get_config("unused")
+    current = checkpoint.recipe(cfg)
+    defaults = checkpoint.default_recipe(len(cfg.phases))
+    older = {k: v for k, v in current.items() if k not in ("phases[1].ema_decay", "data.mixup_alpha")}
+    assert checkpoint.recipe_changes(older, current, defaults) == []
+    cfg.phases[1].ema_decay, cfg.data.mixup_alpha = 0.99, 0.2
+    changed = checkpoint.recipe_changes(older, checkpoint.recipe(cfg), defaults)
+    assert changed == [{"field": "data.mixup_alpha", "old": None, "new": 0.2},
+                       {"field": "phases[1].ema_decay", "old": None, "new": 0.99}]
+    assert checkpoint.recipe_changes({**older, "phases[1].ema_decay": 0.0}, checkpoint.recipe(cfg), defaults)[1] == {
+        "field": "phases[1].ema_decay", "old": 0.0, "new": 0.99}

@@ -119,8 +119,8 @@ def test_micro_batched_backbone_gives_the_numbers_of_one_pass():
     for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     batch = {**_batch(0), "mask": np.ones(8, np.float32)}
-    evals = [jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=m))(state, batch)[0]["loss"]
-             for m in (1, 2)]
+    evals = [jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=m))(
+        steps.variables_of(state), batch)[0]["loss"] for m in (1, 2)]
     np.testing.assert_allclose(evals[0], evals[1], rtol=1e-6)
 
 

@@ -1,4 +1,5 @@
-"""`python -m tljax.evaluate --workdir=DIR [--split=test] [--data=SOURCE]`: a trained run's scores on a split.
+"""`python -m tljax.evaluate --workdir=DIR [--split=test] [--data=SOURCE] [--tta=flip,crops5]`: a trained run's
+scores on a split.
 
 Writes under DIR/eval/<split> (or `--output_dir`): metrics.json (accuracy, top-5, loss and per-class precision,
 recall and F1), per_class.csv, confusion_matrix.csv and .png, most_wrong.png (the misclassified examples the model
@@ -9,12 +10,18 @@ The inputs are made exactly as the run's own evaluation made them (same transfor
 the run's test split the accuracy equals the test accuracy in its summary.json. `--data` evaluates the model on
 other data with the same classes: a tfds name or `folder:/path`, with `--split` one of its split strings (a folder
 of class folders without split folders has one split, `train`, holding every image).
+
+`--tta` (test-time augmentation, `tljax.tta`): "flip", "crops5" or "flip,crops5" score each example by the softmax
+averaged over its views (2, 5 or 10 per image: one forward pass of eval_batch_size x views images per batch); the
+files then go to DIR/eval/<split>_tta-<names> and metrics.json records the views. An unknown name stops the command
+before anything is loaded.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -23,7 +30,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from tljax import cli, data, metrics, plots, restore
+from tljax import cli, data, metrics, plots, restore, tta
 from tljax.data import normalize
 from tljax.data.pipeline import SPLITS
 
@@ -41,7 +48,8 @@ class Evaluation:
     """Every example's label and class probabilities, and the examples the model got most wrong.
 
     labels index `class_names` (the run's classes); `wrong` indexes the examples, surest mistake first, and
-    `wrong_images` holds them as the model saw them before normalization (0..255).
+    `wrong_images` holds them as the model saw them before normalization (0..255, the evaluation view); `tta` names
+    the test-time views the probabilities average over (() = the evaluation view alone).
     """
 
     split: str
@@ -53,6 +61,7 @@ class Evaluation:
     probabilities: np.ndarray
     wrong: np.ndarray
     wrong_images: np.ndarray
+    tta: tuple[str, ...] = ()
 
     @property
     def predictions(self) -> np.ndarray:
@@ -72,7 +81,7 @@ class Evaluation:
         true_prob = self.probabilities[np.arange(n), self.labels]
         per_class = metrics.per_class_scores(self.confusion)
         return {
-            "split": self.split, "source": self.source, "step": self.step, "examples": n,
+            "split": self.split, "source": self.source, "step": self.step, "tta": list(self.tta), "examples": n,
             "accuracy": float(np.mean(self.predictions == self.labels)), "top5_accuracy": top5,
             "loss": float(-np.mean(np.log(np.maximum(true_prob, 1e-300)))),
             "per_class": {name: {k: float(v[i]) for k, v in per_class.items()}
@@ -86,9 +95,12 @@ class Evaluation:
 
 
 def _data_config(run: restore.TrainedRun, split: str, source: str) -> tuple[ml_collections.ConfigDict, str]:
-    """The run's config.data set up to read `split` (of `source`, if given); returns it and the role to read."""
-    cfg = ml_collections.ConfigDict(run.config.data.to_dict())
-    cfg.batch_size, cfg.eval_batch_size = 1, run.eval_batch_size  # one device; no training batches are read
+    """The run's config.data set up to read `split` (of `source`, if given); returns it and the role to read. A field
+    newer than the run takes its default (off)."""
+    cfg = data.default_config()
+    cfg.update(run.config.data.to_dict())
+    cfg.batch_size, cfg.eval_batch_size = 1, run.eval_batch_size  # one device; no training batches are read,
+    cfg.mixup_alpha = cfg.cutmix_alpha = 0.0  # so none are mixed
     if not source:
         if split not in SPLITS:
             raise data.ConfigError(f"--split {split!r}: choose one of {SPLITS} (or give --data)")
@@ -107,33 +119,35 @@ def _labels_in_run_classes(labels: np.ndarray, names: tuple[str, ...], run: rest
     return np.asarray([index[name] for name in names])[labels]
 
 
-def evaluate(run: restore.TrainedRun, split: str = "test", source: str = "", most_wrong: int = MOST_WRONG
-             ) -> Evaluation:
-    """Runs the model over every example of `split` once (of `source` if given, else of the run's data)."""
+def evaluate(run: restore.TrainedRun, split: str = "test", source: str = "", most_wrong: int = MOST_WRONG,
+             tta_spec: str = "") -> Evaluation:
+    """Runs the model over every example of `split` once (of `source` if given, else of the run's data); with
+    `tta_spec` ("flip", "crops5", "flip,crops5"), on each example's test-time views (see `tljax.tta`)."""
+    names = tta.parse(tta_spec)
     cfg, role = _data_config(run, split, source)
     pipe = data.build(cfg, run.prep, seed=int(run.config.seed),
                       trained_with=os.path.join(run.workdir, normalize.FILENAME))
-    logits_fn = run.logits_fn(pipe.eval_batch_size)
-    logits, masks = [], []
-    for batch in pipe.eval(role):
-        logits.append(logits_fn(batch["image"]))
+    probabilities_fn = run.probabilities_fn(pipe.eval_batch_size, tta.count(names))
+    views = functools.partial(tta.views, names=names, size=pipe.image_size, crop_fraction=pipe.crop_fraction,
+                              method=pipe.interpolation)
+    probabilities, masks = [], []
+    for batch in pipe.eval(role, views):
+        probabilities.append(probabilities_fn(batch["image"]))
         masks.append(batch["mask"])
-    keep = np.concatenate(masks) > 0
-    logits = np.concatenate(logits)[keep].astype(np.float64)
-    probabilities = np.exp(logits - logits.max(-1, keepdims=True))
-    probabilities /= probabilities.sum(-1, keepdims=True)
+    probabilities = np.concatenate(probabilities)[np.concatenate(masks) > 0]
     records = pipe.records[role]
     labels = _labels_in_run_classes(records.labels, pipe.class_names, run)
     predictions = probabilities.argmax(-1)
     wrong = np.flatnonzero(predictions != labels)
     wrong = wrong[np.argsort(-probabilities[wrong, predictions[wrong]], kind="stable")][:most_wrong]
     return Evaluation(pipe.specs[role], pipe.source, run.step, run.class_names, records.names, labels,
-                      probabilities, wrong, pipe.raw_images(role, wrong))
+                      probabilities, wrong, pipe.raw_images(role, wrong), names)
 
 
-def default_output_dir(workdir: str, split: str, source: str) -> str:
-    """WORKDIR/eval/<split>, or WORKDIR/eval/<source>_<split> for other data (as a safe folder name)."""
-    name = f"{source}_{split}" if source else split
+def default_output_dir(workdir: str, split: str, source: str, tta_names: tuple[str, ...] = ()) -> str:
+    """WORKDIR/eval/<split>, or WORKDIR/eval/<source>_<split> for other data (as a safe folder name), with
+    _tta-<names> appended under test-time augmentation."""
+    name = (f"{source}_{split}" if source else split) + (f"_tta-{'-'.join(tta_names)}" if tta_names else "")
     return os.path.join(workdir, "eval", re.sub(r"[^\w.-]+", "_", name).strip("_"))
 
 
@@ -178,23 +192,27 @@ def _define_flags() -> None:
     flags.DEFINE_string("data", "", "Evaluate on another source with the same classes: a tfds name or "
                         "folder:/path ('' = the run's data).")
     flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-    flags.DEFINE_string("output_dir", "", "Where to write ('' = WORKDIR/eval/<split or data>).")
+    flags.DEFINE_string("output_dir", "", "Where to write ('' = WORKDIR/eval/<split or data>[_tta-<names>]).")
+    flags.DEFINE_string("tta", "", f"Test-time augmentation: a comma-separated list of {', '.join(tta.NAMES)} "
+                        "('' = none); the softmax is averaged over the views.")
     flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    names = tta.parse(FLAGS.tta)  # before anything is loaded or compiled
     run = restore.load(FLAGS.workdir, FLAGS.step)
-    ev = evaluate(run, FLAGS.split, FLAGS.data)
-    directory = FLAGS.output_dir or default_output_dir(FLAGS.workdir, FLAGS.split, FLAGS.data)
+    ev = evaluate(run, FLAGS.split, FLAGS.data, tta_spec=FLAGS.tta)
+    directory = FLAGS.output_dir or default_output_dir(FLAGS.workdir, FLAGS.split, FLAGS.data, names)
     write(ev, directory)
     scores = ev.scores()
     top5 = f", top-5 {scores['top5_accuracy']:.4f}" if scores["top5_accuracy"] is not None else ""
-    print(f"{ev.source} {ev.split} ({scores['examples']} examples, checkpoint {ev.step}): accuracy "
+    views = f", TTA {'+'.join(names)}" if names else ""
+    print(f"{ev.source} {ev.split} ({scores['examples']} examples, checkpoint {ev.step}{views}): accuracy "
           f"{scores['accuracy']:.4f}{top5}, loss {scores['loss']:.4f}; written to {directory}")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(cli.command(main, EvaluationError))
+    app.run(cli.command(main, EvaluationError, tta.TTAError))

@@ -8,6 +8,10 @@ the classes and probabilities as CSV. Works offline and on CPU; only reads the w
 Images are decoded as training decodes them: grayscale is replicated to RGB and an alpha channel is dropped; a note
 says so for each such image. An image that cannot be decoded is named and skipped, the others are still predicted,
 and the command then exits with status 1.
+
+`--tta=flip` (or "crops5", "flip,crops5"; see `tljax.tta`) reports the softmax averaged over each image's test-time
+views instead of the evaluation view's alone, as `tljax.evaluate --tta` scores them. An unknown name stops the
+command before anything is loaded.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from tljax import cli, restore
+from tljax import cli, restore, tta
 from tljax.data import transforms
 from tljax.data.sources import IMAGE_EXTENSIONS
 
@@ -79,12 +83,18 @@ def read_image(path: str) -> tuple[tf.Tensor, str]:
     return transforms.decode(raw), _CHANNEL_NOTES.get(channels, "")
 
 
-def predict(run: restore.TrainedRun, paths: Sequence[str], top_k: int = 5, batch_size: int = 0
+def predict(run: restore.TrainedRun, paths: Sequence[str], top_k: int = 5, batch_size: int = 0, tta_spec: str = ""
             ) -> tuple[list[Prediction], list[str]]:
-    """Top-k predictions for every readable image in `paths`, and a message for each image that cannot be read."""
+    """Top-k predictions for every readable image in `paths`, and a message for each image that cannot be read.
+
+    batch_size: images per forward pass (0: the run's eval batch size); tta_spec: test-time augmentation ("flip",
+    "crops5", "flip,crops5"; "" = the evaluation view alone): the probabilities are averaged over the views.
+    """
+    names = tta.parse(tta_spec)
     batch_size = batch_size or run.eval_batch_size
-    transform = tf.function(run.transform, input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
-    logits_fn = run.logits_fn(batch_size)
+    transform = tf.function(lambda image: run.views(image, names),
+                            input_signature=[tf.TensorSpec([None, None, 3], tf.uint8)])
+    probabilities_fn = run.probabilities_fn(batch_size, tta.count(names))
     k = min(top_k, len(run.class_names))
     results, errors = [], []
     read: list[tuple[str, str, np.ndarray]] = []
@@ -92,9 +102,7 @@ def predict(run: restore.TrainedRun, paths: Sequence[str], top_k: int = 5, batch
     def flush() -> None:
         images = np.stack([image for _, _, image in read])
         padded = np.concatenate([images, np.repeat(images[:1], batch_size - len(images), 0)])
-        logits = logits_fn(padded)[: len(images)].astype(np.float64)
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
+        probs = probabilities_fn(padded)[: len(images)]
         for (path, note, _), p in zip(read, probs):
             best = np.argsort(-p, kind="stable")[:k]
             results.append(Prediction(path, tuple(run.class_names[i] for i in best),
@@ -134,6 +142,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("top_k", 5, "Classes to report per image.")
     flags.DEFINE_string("output", "", "Write the predictions to this CSV file.")
     flags.DEFINE_integer("batch_size", 0, "Images per forward pass (0 = the run's eval batch size).")
+    flags.DEFINE_string("tta", "", f"Test-time augmentation: a comma-separated list of {', '.join(tta.NAMES)} "
+                        "('' = none); the softmax is averaged over the views.")
     flags.mark_flags_as_required(["workdir"])
 
 
@@ -142,9 +152,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give one or more image files or folders: python -m tljax.predict --workdir=DIR IMAGE...")
     if FLAGS.top_k < 1:
         raise app.UsageError(f"--top_k must be at least 1, not {FLAGS.top_k}")
+    tta.parse(FLAGS.tta)  # an unknown name stops here, before anything is loaded or compiled
     paths = image_paths(argv[1:])
     run = restore.load(FLAGS.workdir, FLAGS.step)
-    predictions, errors = predict(run, paths, FLAGS.top_k, FLAGS.batch_size)
+    predictions, errors = predict(run, paths, FLAGS.top_k, FLAGS.batch_size, FLAGS.tta)
     for p in predictions:
         print(f"{p.path}: " + ", ".join(f"{c} {prob:.4f}" for c, prob in zip(p.classes, p.probabilities))
               + (f"  [{p.note}]" if p.note else ""))
@@ -159,4 +170,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(cli.command(main, ImageInputError))
+    app.run(cli.command(main, ImageInputError, tta.TTAError))

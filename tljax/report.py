@@ -11,36 +11,18 @@ archived and opens in any browser offline. Only the HTML file is written.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
 from absl import app, flags
 
-from tljax import cli, evaluate, optim, plots, restore
+from tljax import cli, evaluate, optim, pages, plots, restore
 
 FLAGS = flags.FLAGS
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { font-size: 1.25em; margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; margin: 0.5em 0; } td, th { padding: 0.25em 0.8em; border: 1px solid #ddd; }
-th { background: #f4f4f4; text-align: left; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; border: 1px solid #eee; } pre { background: #f7f7f7; padding: 1em; overflow-x: auto; }
-"""
-
-
-def _figure(draw: Callable[[io.BytesIO], None], alt: str) -> str:
-    """An <img> holding the PNG that `draw` writes."""
-    buffer = io.BytesIO()
-    draw(buffer)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _table(header: list[str] | None, rows: list[list[Any]], ids: list[str] | None = None) -> str:
@@ -93,31 +75,37 @@ def render(run: restore.TrainedRun, summary: dict[str, Any], ev: evaluate.Evalua
         ["model", run.description["name"]], ["pretrained weights", cfg.model.weights],
         ["data", f"{cfg.data.source} ({len(run.class_names)} classes, {cfg.data.image_size} px)"],
         ["normalization", cfg.data.normalization], ["checkpoint step", run.step],
+        ["weights tested and exported", "their moving average (EMA)" if run.weights == "ema" else "as trained"],
         ["parameters", f"{summary['num_params']:,}"],
         ["trainable per phase", ", ".join(f"{n:,}" for n in summary["num_trainable_params_per_phase"])],
     ])
     phases = summary["phases"]
+    rows, ids = [], []
+    for k, p in enumerate(phases):  # the raw weights' validation, and the EMA's where the phase kept one
+        for key, what in (("val", "validation"), ("val_ema", "validation of the EMA")):
+            if f"{key}_loss" in p:
+                rows.append([f"{what} after phase {k + 1} ({p['name']})", p["steps"], p[f"{key}_accuracy"],
+                             p[f"{key}_loss"], None])
+                ids.append(f"{key.replace('_', '-')}-{k}")
     results = _table(
         ["", "steps", "accuracy", "loss", "top-5 accuracy"],
-        [[f"validation after phase {k + 1} ({p['name']})", p["steps"], p["val_accuracy"], p["val_loss"], None]
-         for k, p in enumerate(phases)]
-        + [["test (summary.json)", None, summary["test_accuracy"], summary["test_loss"],
-            summary.get("test_top5_accuracy")],
-           [f"test, evaluated for this report ({scores['examples']} examples)", None, scores["accuracy"],
-            scores["loss"], scores["top5_accuracy"]]],
-        ids=[f"val-{k}" for k in range(len(phases))] + ["test", "test-evaluated"])
+        rows + [["test (summary.json)", None, summary["test_accuracy"], summary["test_loss"],
+                 summary.get("test_top5_accuracy")],
+                [f"test, evaluated for this report ({scores['examples']} examples)", None, scores["accuracy"],
+                 scores["loss"], scores["top5_accuracy"]]],
+        ids=ids + ["test", "test-evaluated"])
     names = [p.name for p in cfg.phases]
-    curves = _figure(lambda f: plots.learning_curves(f, run.meta["history"], names), "learning curves")
-    rates = _figure(lambda f: plots.learning_rates(f, applied_learning_rates(run, phases)), "learning rates")
-    matrix = _figure(lambda f: plots.confusion_matrix(f, ev.confusion, run.class_names), "confusion matrix")
-    wrong = _figure(lambda f: plots.image_grid(f, ev.wrong_images, ev.wrong_titles()), "most wrong")
+    curves = pages.figure(lambda f: plots.learning_curves(f, run.meta["history"], names), "learning curves")
+    rates = pages.figure(lambda f: plots.learning_rates(f, applied_learning_rates(run, phases)), "learning rates")
+    matrix = pages.figure(lambda f: plots.confusion_matrix(f, ev.confusion, run.class_names), "confusion matrix")
+    wrong = pages.figure(lambda f: plots.image_grid(f, ev.wrong_images, ev.wrong_titles()), "most wrong")
     per_class = _table(["class", "precision", "recall", "F1", "support"],
                        [[name, s["precision"], s["recall"], s["f1"], int(s["support"])]
                         for name, s in scores["per_class"].items()])
     config = html.escape(cfg.to_json_best_effort(indent=1))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>tljax: {html.escape(title)}</title>
-<style>{_STYLE}</style></head>
+<style>{pages.STYLE}</style></head>
 <body>
 <h1>{html.escape(title)}</h1>
 <p>Run <code>{html.escape(os.path.basename(os.path.abspath(run.workdir)))}</code>, trained by tljax in

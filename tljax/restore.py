@@ -12,15 +12,15 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from tljax import checkpoint, models, parallel, steps
-from tljax.data import normalize, pipeline, transforms
+from tljax import checkpoint, models, parallel, steps, tta
+from tljax.data import normalize, pipeline
 from tljax.pretrained.prep import Preprocessing
 
 MODEL_FILE = "model.json"
@@ -35,7 +35,9 @@ class RunNotFoundError(FileNotFoundError):
 class TrainedRun:
     """A checkpoint of a run with everything needed to feed it images.
 
-    variables: {"params", "batch_stats"} at checkpoint `step`; meta: that checkpoint's meta (phase, history);
+    variables: {"params", "batch_stats"} at checkpoint `step`: the moving average of the weights when the phase of
+    the checkpoint scores with it (`weights` "ema", see `steps.eval_weights`: a phase with ema_decay > 0 and
+    ema_eval on), else the weights themselves (`weights` "raw"); meta: that checkpoint's meta (phase, history);
     stats: the training statistics in the scope the run used (None for strategies that need none).
     """
 
@@ -49,6 +51,7 @@ class TrainedRun:
     prep: Preprocessing
     normalization: dict[str, Any]
     stats: normalize.Stats | None
+    weights: str
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -64,9 +67,14 @@ class TrainedRun:
 
     def transform(self, image: tf.Tensor) -> tf.Tensor:
         """A decoded RGB image (uint8 [H, W, 3]) -> the model's input, exactly as the run's evaluation made it."""
+        return self.views(image)[0]
+
+    def views(self, image: tf.Tensor, names: Sequence[str] = ()) -> tf.Tensor:
+        """A decoded RGB image -> the model's inputs for the test-time augmentation `names` (`tljax.tta`; none: the
+        evaluation view alone): [tta.count(names), S, S, 3], each normalised as the run's evaluation normalises."""
         crop_fraction, method = pipeline.eval_geometry(self.config.data, self.prep)
-        image = transforms.center_crop(image, self.image_size, crop_fraction, method)
-        return normalize.normalizer(self.config.data.normalization, self.prep, self.stats)(image)
+        views = tta.views(image, names, self.image_size, crop_fraction, method)
+        return normalize.normalizer(self.config.data.normalization, self.prep, self.stats)(views)
 
     def logits_fn(self, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
         """A compiled function: normalised images [batch_size, S, S, 3] -> logits [batch_size, classes] (numpy)."""
@@ -74,6 +82,13 @@ class TrainedRun:
                                        micro_batches=parallel.micro_batches(batch_size)))
         variables = jax.device_put(self.variables)
         return lambda images: np.asarray(fn(variables, images))
+
+    def probabilities_fn(self, batch_size: int, num_views: int = 1) -> Callable[[np.ndarray], np.ndarray]:
+        """A compiled function: normalised views [batch_size, num_views, S, S, 3] (`views`) -> class probabilities
+        [batch_size, classes], float64: the softmax averaged over each image's views. One forward pass of
+        batch_size * num_views images."""
+        logits_fn = self.logits_fn(batch_size * num_views)
+        return lambda views: tta.mean_probabilities(logits_fn(views.reshape(-1, *views.shape[2:])), num_views)
 
 
 def _read_json(workdir: str, name: str) -> Any:
@@ -99,12 +114,14 @@ def load(workdir: str, step: int | None = None) -> TrainedRun:
             step = max(saved)
         elif step not in saved:
             raise RunNotFoundError(f"{directory} has no checkpoint of step {step}; it has {sorted(saved)}")
-        variables = ckpt.restore_variables(step)
+        fields = _read_json(workdir, "config.json")
+        config = ml_collections.ConfigDict({**fields,
+                                            "phases": [ml_collections.ConfigDict(p) for p in fields["phases"]]})
         meta = ckpt.meta(step)
+        weights = steps.eval_weights(config.phases[meta["phase"]])
+        variables = ckpt.restore_variables(step, weights)
     finally:
         ckpt.close()
-    fields = _read_json(workdir, "config.json")
-    config = ml_collections.ConfigDict({**fields, "phases": [ml_collections.ConfigDict(p) for p in fields["phases"]]})
     description = _read_json(workdir, MODEL_FILE)
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in description["kwargs"].items()}
     model = models.create(description["name"], len(description["class_names"]), **kwargs)
@@ -113,4 +130,4 @@ def load(workdir: str, step: int | None = None) -> TrainedRun:
     settings, stats = normalize.read(os.path.join(workdir, normalize.FILENAME))
     if stats is not None:
         stats = stats.scoped(config.data.stats_scope)
-    return TrainedRun(workdir, config, description, model, variables, step, meta, prep, settings, stats)
+    return TrainedRun(workdir, config, description, model, variables, step, meta, prep, settings, stats, weights)

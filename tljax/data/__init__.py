@@ -8,13 +8,14 @@
     for batch in ds.eval("val"):                      # + "mask": f32 [L], 0 on padding
         ...
 
-`sources` reads tfds names, image folders and the offline animal_mnist set; `normalize` holds the normalization
-strategies and the training statistics; `transforms` the per-image tf ops; `pipeline` orders, shards and batches.
+`options` holds config.data's defaults and checks; `sources` reads tfds names, image folders and the offline
+animal_mnist set; `normalize` holds the normalization strategies and the training statistics; `transforms` the
+per-image tf ops, `randaugment` RandAugment's; `pipeline` orders, shards and batches.
 """
 
 from tljax.data.normalize import STRATEGIES, Stats
-from tljax.data.pipeline import (ConfigError, CorruptImageError, InputPipeline, build, check_config, check_number,
-                                 default_config)
+from tljax.data.options import ConfigError, check_config, check_number, default_config
+from tljax.data.pipeline import CorruptImageError, InputPipeline, build
 from tljax.data.sources import SourceError
 
 __all__ = ["STRATEGIES", "ConfigError", "CorruptImageError", "InputPipeline", "SourceError", "Stats", "build",
