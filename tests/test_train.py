@@ -72,15 +72,28 @@ def test_train_metrics_are_logged_every_log_every_steps(reference):
             assert np.mean(pair) == pytest.approx(epoch[f"train_{metric}"], rel=1e-6)
 
 
-def test_pmap_jit_and_one_device_give_the_same_parameters(folder, tmp_path):
+# The fine-tuning techniques, all on: EMA (with warm-up in phase 2), label smoothing, mixup and CutMix, layer decay,
+# L2-SP.
+TECHNIQUES = ("--config.phases[0].ema_decay=0.5", "--config.phases[1].ema_decay=0.9",
+              "--config.phases[1].ema_warmup=True", "--config.phases[0].label_smoothing=0.1",
+              "--config.phases[1].label_smoothing=0.1", "--config.data.mixup_alpha=0.4",
+              "--config.data.cutmix_alpha=1.0", "--config.phases[1].layer_decay=0.75", "--config.phases[1].l2sp=0.01")
+
+
+def test_pmap_jit_and_one_device_give_the_same_parameters_and_ema(folder, tmp_path):
+    # With mixing, pmap pairs examples across devices and every device draws the same mix: the same batches as jit.
     runs = {"one": ({}, "jit"), "pmap": (FOUR_DEVICES, "pmap"), "jit": (FOUR_DEVICES, "jit")}
     states = {}
     for name, (env, mode) in runs.items():
-        result = train_util.cli(folder, tmp_path / name, f"--config.parallelism={mode}", env=env)
+        result = train_util.cli(folder, tmp_path / name, f"--config.parallelism={mode}", *TECHNIQUES, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         states[name] = train_util.final_state(tmp_path / name)
-    train_util.assert_same_params(states["one"], states["pmap"], atol=1e-5)
-    train_util.assert_same_params(states["one"], states["jit"], atol=1e-5)
+    for name in ("pmap", "jit"):
+        train_util.assert_same_params(states["one"], states[name], atol=1e-5)
+        train_util.assert_same_params(states["one"]["ema"], states[name]["ema"], atol=1e-5)
+    # The EMA compared is not a copy of the weights.
+    assert not np.allclose(states["one"]["ema"]["params"]["head"]["out"]["kernel"],
+                           states["one"]["params"]["head"]["out"]["kernel"], atol=1e-4)
 
 
 def test_batch_not_divisible_by_devices_is_refused_before_compiling(folder, tmp_path):
@@ -253,9 +266,11 @@ def test_cached_features_give_the_same_head_as_running_the_backbone(folder, tmp_
         cfg = tiny.get_config(str(folder))
         cfg.phases = cfg.phases[:1]
         cfg.phases[0].cache_features = cached
+        cfg.phases[0].ema_decay = 0.8  # on cached features, the EMA covers the head (the backbone is frozen)
         cfg.model.head.dropout = 0.3  # the head's dropout masks must match too
         summaries[cached] = train.run(cfg, str(tmp_path / str(cached)))
         states[cached] = train_util.final_state(tmp_path / str(cached))
     train_util.assert_same_params(states[False], states[True], atol=1e-6)
-    for key in ("val_accuracy", "val_loss"):
+    train_util.assert_same_params(states[False]["ema"], states[True]["ema"], atol=1e-6)
+    for key in ("val_accuracy", "val_loss", "val_ema_accuracy", "val_ema_loss"):
         assert summaries[True]["phases"][0][key] == pytest.approx(summaries[False]["phases"][0][key], abs=1e-6)
