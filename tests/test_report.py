@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
-import subprocess
-import tempfile
 
 import pytest
 import tensorflow as tf
 
+from tests import browser
 from tests.tool_util import snapshot, tool
 from tljax import report, restore
-
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +64,6 @@ def test_applied_learning_rates_follow_each_phases_schedule(trained_run):
 
 
 def test_a_browser_renders_the_page_with_every_figure_loaded(page, tmp_path):
-    browser = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-    if browser is None:
-        if os.environ.get("TLJAX_REQUIRE_BROWSER"):
-            pytest.fail("TLJAX_REQUIRE_BROWSER is set (.ci/run found or installed Chromium), but no browser is on PATH")
-        pytest.skip("no Chromium installed (.ci/run installs it where it runs as root with apt)")
     path, summary = page
     probe = tmp_path / "probe.html"  # the page plus a script that records what the browser made of the images
     probe.write_text(path.read_text().replace("</body>", """<script>
@@ -80,11 +71,7 @@ def test_a_browser_renders_the_page_with_every_figure_loaded(page, tmp_path):
       document.body.setAttribute("data-probe",
         imgs.length + ":" + imgs.filter(i => i.complete && i.naturalWidth > 0).length);
     </script></body>"""))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-    with tempfile.TemporaryDirectory() as profile:
-        result = subprocess.run([browser, *flags, f"--user-data-dir={profile}", "--virtual-time-budget=5000",
-                                 "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    result = browser.dump_dom(probe)
     assert 'data-probe="4:4"' in result.stdout, result.stderr[-2000:]
     assert f"{summary['test_accuracy']:.4f}" in result.stdout
 

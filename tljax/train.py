@@ -10,25 +10,35 @@ into the next phase with nothing lost. SIGTERM saves at a step all processes agr
 `preemption.Preempted` (see tljax.preemption). A resume refuses another run's checkpoints (`checkpoint.identity`)
 and a changed recipe unless `config.allow_recipe_change` (`checkpoint.recipe`; the change is then recorded in the
 checkpoint meta's `recipe_changes`, and the report shows it).
+
+A phase with an EMA of the weights (`steps.Ema`) validates both the weights and their EMA after every epoch
+(val_* and val_ema_*); the test split is scored with the weights `steps.eval_weights` picks for the last phase, and
+summary.json's "weights" names them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from tljax import checkpoint, config as config_lib, data, metrics, models, optim, parallel, plots, preemption
+from tljax import checkpoint, config as config_lib, data, metrics, mixing, models, optim, parallel, plots, preemption
 from tljax import pretrained, steps, workdir as workdir_lib
 from tljax.features import FeatureCache
+
+
+# What a phase's result (summary.json's "phases") keeps of its last validation; val_ema_* with an EMA.
+VAL_RESULTS = ("val_accuracy", "val_loss", "val_ema_accuracy", "val_ema_loss")
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -70,7 +80,7 @@ def _build_model(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[Any, dic
     ds = data.build(cfg.data, prep, seed=cfg.seed, workdir=workdir, num_devices=jax.device_count(),
                     process_index=jax.process_index(), process_count=jax.process_count())
     if weights is not None:
-        model, variables = weights.build(ds.num_classes, seed=cfg.seed)
+        model, variables = weights.build(ds.num_classes, seed=cfg.seed, image_size=cfg.data.image_size)
         kwargs = weights.create_kwargs
     else:
         model = models.create(cfg.model.name, ds.num_classes, **kwargs)
@@ -94,18 +104,18 @@ def _epoch_offsets(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> list
     return offsets
 
 
-def evaluate(run: Run, state: Any, split: str, with_predictions: bool = False,
+def evaluate(run: Run, variables: dict[str, Any], split: str, with_predictions: bool = False,
              cache: FeatureCache | None = None) -> tuple[dict, Any]:
-    """Average metrics over every example of `split` exactly once (padded batches, masked).
+    """Average metrics of `variables` (on the devices: `steps.variables_of` the state) over every example of
+    `split` exactly once (padded batches, masked).
 
     With `with_predictions`, also (labels, predictions) of every example, gathered from all processes. With a
     feature cache, the head runs on the cached features of the (frozen) backbone.
     """
     total, gathered = None, []
     fn = run.eval_fn if cache is None else run.eval_features_fn
-    for batch in (run.data if cache is None else cache).eval(split):
-        batch = run.par.put_batch(batch)
-        sums, pred = fn(state, batch)
+    for batch in parallel.prefetch(run.par, (run.data if cache is None else cache).eval(split)):
+        sums, pred = fn(variables, batch)
         total = metrics.add(total, sums)
         if with_predictions:
             gathered.append([run.par.gather(x) for x in (batch["label"], pred, batch["mask"])])
@@ -139,6 +149,77 @@ def _floats(sums: dict[str, Any] | None) -> dict[str, float]:
     return {m: float(v) for m, v in (sums or {}).items()}
 
 
+def step_kwargs(run: Run, k: int, labels: Any, first_step: int, on_features: bool) -> dict[str, Any]:
+    """The keyword arguments of `steps.train_step` for phase k, all but its optimizer `tx` (which `tljax.heads`
+    builds per head inside its vmapped step)."""
+    cfg, phase = run.config, run.config.phases[k]
+    mix = mixing.Settings.from_config(cfg.data)  # config.validate refuses it with cached features
+    return dict(model=run.model, labels=labels, bn_train=phase.bn == "train", on_features=on_features,
+                micro_batches=parallel.micro_batches(run.data.batch_size // jax.device_count()),
+                ema=steps.phase_ema(phase, first_step), label_smoothing=phase.label_smoothing,
+                mixing=mix if mix.enabled else None)
+
+
+def feature_cache(run: Run, state: Any) -> FeatureCache:
+    """The features of the frozen backbone of `state` (on the devices) for a cache_features phase."""
+    return FeatureCache(run.data, run.par, state, run.model, os.path.join(run.workdir, "features"),
+                        run.config.features_in_memory_mb * 2**20)
+
+
+class PhaseLog:
+    """One run's account of phase k from its step `start`: the metric sums of the epoch and of the log window in
+    progress, the progress line (shown if `show`), the train_step_* points, the validation after every epoch, the
+    phase's result and the checkpoints. `tljax.heads` keeps one per head of a phase that trains several at once."""
+
+    def __init__(self, run: Run, k: int, meta: dict[str, Any], start: int, last_saved: int | None,
+                 show: bool = True) -> None:
+        phase, spe = run.config.phases[k], run.data.steps_per_epoch
+        self.run, self.k, self.meta, self.last_saved = run, k, meta, last_saved
+        self.total, self.spe, self.offset = phase_steps(phase, spe), spe, _epoch_offsets(run.config, spe)[k]
+        # A resumed phase keeps the sums of its epoch's and its log window's steps before the checkpoint (none
+        # saved where they had just been written, e.g. at the old end of a lengthened phase).
+        self.epoch_sums = (meta.get("epoch_sums") or None) if start % spe else None
+        self.window_sums = (meta.get("window_sums") or None) if start else None
+        self.progress = metrics.Progress(f"phase {k + 1}/{len(run.config.phases)} {phase.name}", self.total, start,
+                                         run.is_main and show)
+
+    def collect(self, sums: dict[str, Any], step_done: int) -> None:
+        """Adds a step's metric sums (host values) to the epoch's and the log window's."""
+        _check_finite(sums, f"step {step_done} of phase {self.run.config.phases[self.k].name!r}", self.last_saved,
+                      self.run)
+        self.epoch_sums, self.window_sums = metrics.add(self.epoch_sums, sums), metrics.add(self.window_sums, sums)
+        avg = metrics.averages(self.epoch_sums)
+        self.progress.update(step_done, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
+
+    def due(self, s: int, step: int, stop: bool) -> bool:
+        """Whether step s of the phase (global step `step` done) logs, ends an epoch or saves: its sums are
+        needed now."""
+        return (s % self.spe == self.spe - 1 or s + 1 == self.total or step % self.run.config.log_every_steps == 0
+                or (s + 1) % self.run.config.checkpoint_every_steps == 0 or stop)
+
+    def record(self, s: int, step: int, stop: bool, state: Callable[[], Any], cache: FeatureCache | None,
+               images_per_s: float | None) -> None:
+        """After step s of the phase (global step `step`): the train_step_* point, the epoch's validation, the
+        phase's result and the checkpoint that are due; `state()` gives the run's state on the devices."""
+        run, meta, k, total = self.run, self.meta, self.k, self.total
+        if step % run.config.log_every_steps == 0:
+            run.writer.write(step, metrics.averages(self.window_sums, "train_step_"), top5=run.data.num_classes >= 5)
+            self.window_sums = None
+        if s % self.spe == self.spe - 1 or s + 1 == total:
+            _end_epoch(run, k, state(), self.epoch_sums, s + 1, meta, cache, images_per_s)
+            self.epoch_sums = None
+        if s + 1 == total:  # the phase ended with an epoch's validation
+            val = meta["history"][-1]
+            result = {"name": run.config.phases[k].name, "steps": total,
+                      **{key: val[key] for key in VAL_RESULTS if key in val}}
+            meta["phase_results"] = meta["phase_results"][:k] + [result]  # a lengthened phase: replaced
+        if (s + 1) % run.config.checkpoint_every_steps == 0 or s + 1 == total or stop:
+            position = {"epoch": self.offset + (s + 1) // self.spe, "batch": (s + 1) % self.spe}
+            self.last_saved = _save(run, state(), {**meta, "phase": k, "phase_step": s + 1, "data_position": position,
+                                                   "epoch_sums": _floats(self.epoch_sums),
+                                                   "window_sums": _floats(self.window_sums)})
+
+
 def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int, first_step: int,
                  meta: dict[str, Any], last_saved: int | None) -> Any:
     """Runs phase k (parameter labels and optimizer given) from step `start` of the phase; returns the final state.
@@ -148,45 +229,21 @@ def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int,
     records the phase's result in `meta` and saves. After SIGTERM (on any process) every process saves the same
     step and raises preemption.Preempted.
     """
-    cfg, phase, ds, par = run.config, run.config.phases[k], run.data, run.par
-    total, spe = phase_steps(phase, ds.steps_per_epoch), ds.steps_per_epoch
-    offset = _epoch_offsets(cfg, spe)[k]
-    bn_train = phase.bn == "train"
-    cache = None
-    if phase.cache_features:  # config.validate made sure that the phase trains no backbone parameter
-        cache = FeatureCache(ds, par, state, run.model, os.path.join(run.workdir, "features"),
-                             cfg.features_in_memory_mb * 2**20)
-    fn = functools.partial(steps.train_step, model=run.model, tx=tx, labels=labels, bn_train=bn_train,
-                           on_features=cache is not None,
-                           micro_batches=parallel.micro_batches(ds.batch_size // jax.device_count()))
+    phase, ds, par = run.config.phases[k], run.data, run.par
+    # config.validate made sure that a cache_features phase trains no backbone parameter
+    cache = feature_cache(run, state) if phase.cache_features else None
+    fn = functools.partial(steps.train_step, tx=tx, **step_kwargs(run, k, labels, first_step, cache is not None))
     train_fn = par.compile(fn, donate=True)
-    batches: Iterator[dict] = iter(())
-    progress = metrics.Progress(f"phase {k + 1}/{len(cfg.phases)} {phase.name}", total, start, run.is_main)
-    # A resumed phase keeps the sums of its epoch's and its log window's steps before the checkpoint (none saved
-    # where they had just been written, e.g. at the old end of a lengthened phase).
-    epoch_sums = (meta.get("epoch_sums") or None) if start % spe else None
-    window_sums = (meta.get("window_sums") or None) if start else None
+    log = PhaseLog(run, k, meta, start, last_saved)
+    batches = parallel.prefetch(par, _phase_batches(cache or ds, log.spe, log.offset, start, log.total))
     pending = None
-    top5 = ds.num_classes >= 5
-
-    def collect(device_sums: Any, step_done: int) -> None:
-        """Adds a step's metric sums to the epoch's and the log window's."""
-        nonlocal epoch_sums, window_sums
-        sums = par.get_metrics(device_sums)
-        _check_finite(sums, f"step {step_done} of phase {phase.name!r}", last_saved, run)
-        epoch_sums, window_sums = metrics.add(epoch_sums, sums), metrics.add(window_sums, sums)
-        avg = metrics.averages(epoch_sums)
-        progress.update(step_done, f"loss {avg['loss']:.4f} acc {avg['accuracy']:.3f}")
-
     clock = [time.perf_counter(), 0]  # start of the timed stretch of this epoch, images trained since
     try:
-        for s in range(start, total):
-            epoch, b = divmod(s, spe)
+        for s in range(start, log.total):
             step = first_step + s + 1  # the global step this iteration completes
-            if b == 0 or s == start:
-                batches = (cache or ds).train(offset + epoch, start_step=b)
+            if s % log.spe == 0 or s == start:
                 clock = [time.perf_counter(), 0]
-            state, sums = train_fn(state, par.put_batch(next(batches)))
+            state, sums = train_fn(state, next(batches))
             stop = run.preemption.poll(step)
             if s == start:  # the phase's first step compiles: keep it out of the images/s figure
                 jax.block_until_ready(sums)
@@ -194,31 +251,13 @@ def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int,
             else:
                 clock[1] += ds.batch_size
             if pending is not None:  # the previous step's: fetching it does not wait for this step
-                collect(*pending)
+                log.collect(par.get_metrics(pending[0]), pending[1])
             pending = (sums, s + 1)
-            end_of_epoch = b == spe - 1 or s + 1 == total
-            log_due = step % cfg.log_every_steps == 0
-            save_due = (s + 1) % cfg.checkpoint_every_steps == 0 or s + 1 == total
-            if end_of_epoch or log_due or save_due or stop:
-                collect(*pending)
+            if log.due(s, step, stop):
+                log.collect(par.get_metrics(pending[0]), pending[1])
                 pending = None
-            if log_due:
-                run.writer.write(step, metrics.averages(window_sums, "train_step_"), top5=top5)
-                window_sums = None
-            if end_of_epoch:
                 rate = clock[1] / (time.perf_counter() - clock[0]) if clock[1] else None
-                _end_epoch(run, k, state, epoch_sums, s + 1, meta, cache, rate)
-                epoch_sums = None
-            if s + 1 == total:  # the phase ended with an epoch's validation
-                val = meta["history"][-1]
-                result = {"name": phase.name, "steps": total, "val_accuracy": val["val_accuracy"],
-                          "val_loss": val["val_loss"]}
-                meta["phase_results"] = meta["phase_results"][:k] + [result]  # a lengthened phase: replaced
-            if save_due or stop:
-                position = {"epoch": offset + (s + 1) // spe, "batch": (s + 1) % spe}
-                last_saved = _save(run, state, {**meta, "phase": k, "phase_step": s + 1, "data_position": position,
-                                                "epoch_sums": _floats(epoch_sums),
-                                                "window_sums": _floats(window_sums)})
+                log.record(s, step, stop, lambda: state, cache, rate)
             if stop:
                 logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", step)
                 raise preemption.Preempted(step)
@@ -228,17 +267,32 @@ def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int,
     return state
 
 
+def _phase_batches(source: data.InputPipeline | FeatureCache, spe: int, offset: int, start: int,
+                   total: int) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of a phase's steps start..total-1 (`spe` steps per epoch, its data epochs numbered from
+    `offset`), epoch after epoch."""
+    s = start
+    while s < total:
+        epoch, b = divmod(s, spe)
+        n = min(spe - b, total - s)
+        yield from itertools.islice(source.train(offset + epoch, start_step=b), n)
+        s += n
+
+
 def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, meta: dict[str, Any],
                cache: FeatureCache | None, images_per_s: float | None) -> None:
-    """Validation after an epoch; appends to the history kept in the checkpoint meta.
+    """Validation after an epoch (of the raw weights, and of the EMA as val_ema_* when the phase keeps one);
+    appends to the history kept in the checkpoint meta.
 
     images_per_s: the epoch's training throughput (global images per second, the phase's compilation excluded;
     None when the epoch had no step besides the compiling one).
     """
-    val, _ = evaluate(run, state, "val", cache=cache)
-    train = metrics.averages(epoch_sums)
-    entry = {"phase": k, "phase_step": phase_step, **{f"train_{m}": v for m, v in train.items()},
-             **{f"val_{m}": v for m, v in val.items()}}
+    entry = {"phase": k, "phase_step": phase_step,
+             **{f"train_{m}": v for m, v in metrics.averages(epoch_sums).items()}}
+    for weights, prefix in (("raw", "val_"), ("ema", "val_ema_")):
+        if weights == "raw" or run.config.phases[k].ema_decay > 0:
+            val, _ = evaluate(run, steps.variables_of(state, weights), "val", cache=cache)
+            entry.update({f"{prefix}{m}": v for m, v in val.items()})
     if images_per_s is not None:
         entry["train_images_per_s"] = images_per_s
     meta["history"].append(entry)
@@ -260,108 +314,132 @@ def _log_data(summary: dict[str, Any]) -> None:
     logging.info("data: %s; %s; %d classes: %s", summary["source"], splits, len(classes), shown)
 
 
-def _resume(cfg: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer,
-            params: Any) -> tuple[int | None, dict[str, Any], bool]:
-    """(newest checkpoint's step or None, its meta or a fresh one, whether an allowed recipe change was recorded).
-
-    Refuses another run's checkpoints (CheckpointMismatchError) and a changed recipe unless
-    config.allow_recipe_change (RecipeChangedError); an allowed change joins the meta's `recipe_changes`.
-    """
-    identity, recipe = checkpoint.identity(cfg, params), checkpoint.recipe(cfg)
-    latest = ckpt.latest_meta()
-    if latest is None:
-        return None, {"identity": identity, "recipe": recipe, "recipe_changes": [], "history": [],
-                      "phase_results": [], "phase": 0, "phase_step": 0}, False
-    step, meta = latest
-    checkpoint.check_identity(meta["identity"], identity, ckpt.manager.directory)
-    if "recipe" not in meta:  # written before tljax recorded recipes: nothing to compare with
-        logging.warning("checkpoint %d records no recipe (an older tljax wrote it); resuming with this config's",
-                        step)
-        meta.update(recipe=recipe, recipe_changes=[])
-    changes = checkpoint.recipe_changes(meta["recipe"], recipe)
-    listing = checkpoint.format_changes(changes)
-    if changes and not cfg.allow_recipe_change:
-        raise checkpoint.RecipeChangedError(
-            f"the config changes the recipe of the run in {ckpt.manager.directory} (checkpoint {step}):\n{listing}"
-            "\nRestore those values, use a new --workdir, or pass --config.allow_recipe_change=True to continue "
-            "with the new recipe (the change is recorded in the run's history)."
-        )
-    if changes:
-        logging.warning("recipe changed at step %d (config.allow_recipe_change):\n%s", step, listing)
-        meta["recipe"] = recipe
-        meta["recipe_changes"].append({"step": step, "changes": changes})
-    logging.info("resuming from step %d (phase %d, step %d of it)", step, meta["phase"], meta["phase_step"])
-    return step, meta, bool(changes)
-
-
-def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(cfg: ml_collections.ConfigDict, workdir: str, phases: int | None = None) -> dict[str, Any] | None:
     """Trains every phase of `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary.
+
+    phases: train only the first `phases` phases, up to the checkpoint their last step saves, and return None
+    (no test evaluation, summary or plots): the phases a sweep shares between its variants (`tljax.sweeps`), each
+    of which resumes a copy of that checkpoint with its own later phases (`checkpoint.Checkpointer.resume`).
 
     Raises preemption.Preempted after saving when SIGTERM arrives, and checkpoint.CheckpointMismatchError (or
     RecipeChangedError) for a workdir whose checkpoints another run or recipe wrote.
     """
+    par, built = build(cfg, workdir)
+    _log_data(data_summary(built[3]))
+    with preemption.Preemption(par) as notice, opened(cfg, workdir, par, built, notice) as (run_, variables, meta,
+                                                                                             latest):
+        state = run_phases(run_, variables, meta, latest, len(cfg.phases) if phases is None else phases)
+        return _finish(run_, state, variables, meta) if phases is None else None
+
+
+def build(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[parallel.Pmap | parallel.Jit, tuple]:
+    """The parallelism and the built model and data (`opened`'s `par` and `built`) of a run of `cfg` in
+    `workdir`, for runs that share them (the heads of `tljax.heads`: one model, one data pipeline)."""
     config_lib.validate(cfg)
     os.makedirs(workdir, exist_ok=True)
-    par = parallel.create(cfg.parallelism)
-    model, variables, prep, ds, description = _build_model(cfg, workdir)
-    _log_data(data_summary(ds))
+    return parallel.create(cfg.parallelism), _build_model(cfg, workdir)
+
+
+def eval_fns(par: parallel.Pmap | parallel.Jit, model: models.Classifier, ds: Any) -> list[Any]:
+    """The compiled evaluation steps on images and on cached features (`Run.eval_fn`, `Run.eval_features_fn`)."""
+    micro = parallel.micro_batches(ds.eval_batch_size // jax.device_count())
+    return [par.compile(functools.partial(steps.eval_step, model=model, on_features=f, micro_batches=micro),
+                        donate=False) for f in (False, True)]
+
+
+@contextlib.contextmanager
+def opened(cfg: ml_collections.ConfigDict, workdir: str, par: parallel.Pmap | parallel.Jit, built: tuple,
+           notice: preemption.Preemption, evals: list[Any] | None = None) -> Iterator[tuple[Run, dict, dict,
+                                                                                               int | None]]:
+    """The run of `cfg` in `workdir` ready to train, with the model and data `built` (`_build_model`): yields
+    (run, initial variables, checkpoint meta, newest checkpoint's step or None) with its checkpoints resumed
+    (`checkpoint.Checkpointer.resume`), its description written, its metrics writer open; closes them after.
+    evals: `eval_fns` to share with other runs (None: compiled for this one)."""
+    model, variables, prep, ds, description = built
     is_main = jax.process_index() == 0
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
     writer = None
     try:
-        latest, meta, recipe_changed = _resume(cfg, ckpt, variables["params"])
-        if is_main and (latest is None or recipe_changed):
+        latest, meta, config_changed = ckpt.resume(cfg, variables["params"])
+        if is_main and (latest is None or config_changed):
             workdir_lib.write_description(workdir, cfg, prep, description)
         writer = metrics.Writer(workdir, is_main, resume_step=latest)
-        micro = parallel.micro_batches(ds.eval_batch_size // jax.device_count())
-        eval_fns = [par.compile(functools.partial(steps.eval_step, model=model, on_features=f, micro_batches=micro),
-                                donate=False) for f in (False, True)]
-        with preemption.Preemption(par) as notice:
-            run_ = Run(cfg, workdir, model, ds, par, ckpt, writer, is_main, notice, *eval_fns)
-            state = _run_phases(run_, variables, meta, latest)
-            return _finish(run_, state, variables, meta)
+        run_ = Run(cfg, workdir, model, ds, par, ckpt, writer, is_main, notice, *(evals or eval_fns(par, model, ds)))
+        yield run_, variables, meta, latest
     finally:
         if writer is not None:
             writer.close()
         ckpt.close()
 
 
-def _run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: int | None) -> Any:
-    """Trains the phases from the checkpoint `latest` (None: from the start); returns the final state."""
-    cfg, ds = run.config, run.data
-    host = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    rng, step = jax.random.PRNGKey(cfg.seed), 0
-    last_saved, state = latest, None
-    for k, phase in enumerate(cfg.phases):
+@dataclasses.dataclass
+class Carry:
+    """What a phase hands to the next: the variables (host), the RNG key, the global step and L2-SP's anchor."""
+
+    variables: dict[str, Any]
+    rng: Any
+    step: int
+    anchor: Any
+
+    @classmethod
+    def initial(cls, run: Run, variables: dict) -> Carry:
+        """What the run's first phase starts from: the loaded (or initialised) variables."""
+        host = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+        # L2-SP's w0, the loaded backbone: each phase's optimizer state carries it to the next (and into every
+        # checkpoint, from which a resumed phase restores it).
+        return cls(host, jax.random.PRNGKey(run.config.seed), 0, optim.l2sp_anchor(run.config.phases, host["params"]))
+
+    @classmethod
+    def after(cls, run: Run, state: Any) -> Carry:
+        """What follows a phase that ended with `state` (on the devices)."""
+        host = jax.device_get(run.par.get_state(state))
+        return cls({"params": host.params, "batch_stats": host.batch_stats}, host.rng, int(host.step),
+                   optim.carried_anchor(host.opt_state))
+
+
+def phase_state(run: Run, k: int, carry: Carry, meta: dict[str, Any],
+                latest: int | None) -> tuple[Any, Any, Any, int, int]:
+    """Phase k's start: (state on the devices, parameter labels, optimizer, step within the phase, global step
+    before the phase's first step), restored from the checkpoint `latest` when that is within phase k."""
+    phase = run.config.phases[k]
+    total = phase_steps(phase, run.data.steps_per_epoch)
+    labels = optim.param_labels(carry.variables["params"], phase.trainable)
+    tx = optim.build(phase, labels, total, depths=models.layer_depths(run.model), anchor=carry.anchor)
+    fresh = steps.create_state(carry.variables, tx, carry.rng, carry.step, ema=phase.ema_decay > 0)
+    start, step = 0, carry.step
+    if latest is not None and k == meta["phase"]:
+        fresh = run.ckpt.restore_state(latest, fresh)
+        start = meta["phase_step"]
+        step = int(fresh.step) - start
+    return run.par.put_state(fresh), labels, tx, start, step
+
+
+def run_phases(run: Run, variables: dict, meta: dict[str, Any], latest: int | None, count: int) -> Any:
+    """Trains the first `count` phases from the checkpoint `latest` (None: from the start); returns the final
+    state (None when there is none: no phase, or none before the checkpoint's)."""
+    carry, last_saved, state = Carry.initial(run, variables), latest, None
+    for k in range(count):
         if latest is not None and k < meta["phase"]:
             continue
-        total = phase_steps(phase, ds.steps_per_epoch)
-        labels = optim.param_labels(host["params"], phase.trainable)
-        tx = optim.build(phase, labels, total)
-        fresh = steps.create_state(host, tx, rng, step)
-        start = 0
-        if latest is not None and k == meta["phase"]:
-            fresh = run.ckpt.restore_state(latest, fresh)
-            start = meta["phase_step"]
-            step = int(fresh.step) - start
-        state = run.par.put_state(fresh)
+        state, labels, tx, start, step = phase_state(run, k, carry, meta, latest)
+        total = phase_steps(run.config.phases[k], run.data.steps_per_epoch)
         if start < total:
             state = _train_phase(run, k, state, labels, tx, start, step, meta, last_saved)
             last_saved = step + total
-        host_state = jax.device_get(run.par.get_state(state))
-        host = {"params": host_state.params, "batch_stats": host_state.batch_stats}
-        rng, step = host_state.rng, int(host_state.step)
+        carry = Carry.after(run, state)
     return state
 
 
 def _finish(run: Run, state: Any, variables: dict, meta: dict[str, Any]) -> dict[str, Any]:
-    """Test evaluation, summary.json and plots."""
-    test, (labels, predictions) = evaluate(run, state, "test", with_predictions=True)
+    """Test evaluation (of the weights `steps.eval_weights` gives for the last phase), summary.json and plots."""
     cfg = run.config
+    weights = steps.eval_weights(cfg.phases[-1])
+    test, (labels, predictions) = evaluate(run, steps.variables_of(state, weights), "test", with_predictions=True)
     params = variables["params"]
     summary = {
         "data": data_summary(run.data),
         "phases": meta["phase_results"],
+        "weights": weights,
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
         "test_top5_accuracy": test["top5_accuracy"] if run.data.num_classes >= 5 else None,
