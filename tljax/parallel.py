@@ -6,14 +6,17 @@
   the state replicated; XLA inserts the reductions.
 
 Both accept this process's part of each global batch (multi-host: every process passes its own examples) and give
-the same parameters as one device on the same global batch.
+the same parameters as one device on the same global batch. `prefetch` puts each batch on the devices one step
+ahead, so that its transfer overlaps the step before it.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -42,9 +45,11 @@ class Pmap:
     def get_state(self, state: PyTree) -> PyTree:
         return jax.tree.map(lambda x: x[0], state)
 
-    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """This process's batch split over the local devices on a leading axis, on the devices (transfer started)."""
         n = len(self.local_devices)
-        return {k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()}
+        return jax.device_put({k: v.reshape((n, v.shape[0] // n) + v.shape[1:]) for k, v in batch.items()},
+                              self.stacked)
 
     def compile(self, fn: Callable, donate: bool) -> Callable:
         return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=(0,) if donate else ())
@@ -86,6 +91,16 @@ class Jit:
 
     def gather(self, x: jax.Array) -> np.ndarray:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def prefetch(par: Pmap | Jit, batches: Iterable[dict[str, np.ndarray]], ahead: int = 1) -> Iterator[dict[str, Any]]:
+    """`par.put_batch` of each of `batches`, placed `ahead` batches before it is asked for (JAX transfers
+    asynchronously): the step running while the next batch is asked for overlaps that batch's transfer."""
+    batches = iter(batches)
+    queue = collections.deque(par.put_batch(b) for b in itertools.islice(batches, ahead + 1))
+    while queue:
+        yield queue.popleft()
+        queue.extend(par.put_batch(b) for b in itertools.islice(batches, 1))
 
 
 def micro_batches(per_device_batch: int, examples: int = 8) -> int:

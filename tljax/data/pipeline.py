@@ -4,13 +4,19 @@ Order. Epoch e of the train split is a permutation of its examples drawn from (s
 positions [k*B, (k+1)*B) of it (the remainder is dropped). Process p of P takes its own contiguous slice
 [p*L, (p+1)*L) of every global batch (L = B / P) and decodes only those examples, so one process with batch B and
 P processes with B / P each see the same global batches. `train(epoch, start_step)` starts at batch start_step
-without decoding anything before it: (epoch, step) is the whole iterator state a checkpoint needs.
+without decoding anything before it: (epoch, step) is the whole iterator state a checkpoint needs. Consecutive
+epochs share one tf.data iterator (`_TrainStream`): while epoch e's last batches are taken, epoch e + 1's first ones
+are already being decoded, so a loop asking for train(e + 1) right after train(e) does not wait at the boundary.
 
-Randomness. Augmentations are stateless, seeded from (seed, epoch, example index): a resumed run and any process
-layout reproduce them exactly.
+Randomness. Augmentations (crop, flip, RandAugment) are stateless, seeded from (seed, epoch, example index): a
+resumed run and any process layout reproduce them exactly.
 
 Evaluation. Every example exactly once, in split order; the last global batch is padded (with copies of example 0)
 and the "mask" is 0 for padding.
+
+Decoding. JPEGs are decoded only around the random-resized crop's window, with the same pixels as a full decode
+(`transforms.decode_window`); the eval transform lets the decoder downscale in the DCT when
+`config.data.jpeg_dct_scaling` is on (`transforms.decode_center_crop`).
 
 Threads. TF is kept off GPUs. tf.data decodes elements in parallel (AUTOTUNE) on its own thread pool,
 `config.data.threads` threads (0: one per core); each op runs single-threaded (`max_intra_op_parallelism = 1`)
@@ -22,106 +28,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tljax.data import normalize, sources, transforms
+from tljax.data import normalize, randaugment, sources, transforms
+from tljax.data.options import ConfigError, check_config, check_layout
 from tljax.data.sources import Records, SourceError
 
 SPLITS = ("train", "val", "test")
-
-
-class ConfigError(ValueError):
-    """A config that cannot work, reported before any data is read or anything compiles."""
+Views = Callable[[tf.Tensor], tf.Tensor]  # a decoded image -> its test-time views [V, S, S, 3] (tljax.tta.views)
 
 
 class CorruptImageError(SourceError):
     """An image file (or encoded image) that cannot be decoded."""
-
-
-def default_config() -> ml_collections.ConfigDict:
-    """Every `config.data` field with its default."""
-    c = ml_collections.ConfigDict()
-    c.source = "animal_mnist"  # a tfds name ("tf_flowers"), "animal_mnist", or "folder:/path/to/root"
-    c.data_dir = ""  # tfds data_dir; "" = tfds's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
-    c.download = False  # let tfds download a data set that is not prepared in data_dir (needs internet)
-    c.train_split = ""  # split strings; "" = auto: the data set's own splits, or carved (sources.auto_splits)
-    c.val_split = ""
-    c.test_split = ""
-    c.val_percent = 10  # % of train carved off as validation when the data set has no validation split
-    c.test_percent = 10  # % of train carved off as test when the data set has neither validation nor test
-    c.image_size = 224  # the model's input resolution
-    c.batch_size = 32  # global train batch: all devices of all processes
-    c.eval_batch_size = 0  # global eval batch; 0 = batch_size
-    c.augment = True  # train: random-resized crop and flip as set below; False: the eval transform
-    c.random_crop = True  # augment with an Inception-style random-resized crop (else the eval centre crop)
-    c.crop_scale = (0.08, 1.0)  # random crop: range of the fraction of the image area kept
-    c.crop_ratio = (3 / 4, 4 / 3)  # random crop: range of aspect ratios
-    c.flip = True  # augment with random horizontal flips
-    c.crop_fraction = 0.0  # eval: resize shorter side to image_size / crop_fraction, centre-crop; 0 = the prep's
-    c.normalization = "pretrained"  # see tljax.data.normalize: pretrained | minmax_train | standardize_train |
-    #                                 minmax_sample | standardize_sample | none
-    c.stats_scope = "channel"  # *_train statistics per channel, or "global" over all channels
-    c.skip_corrupt = False  # False: an undecodable image is an error naming it; True: skip such images (logged)
-    c.threads = 0  # tf.data thread pool size; 0 = TF's default (one per core)
-    return c
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def check_number(value: Any, field: str, minimum: float, integer: bool = False) -> None:
-    """Raises ConfigError naming `field` unless `value` is a finite number (an int if `integer`) >= `minimum`."""
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value < minimum:
-        raise ConfigError(f"{field} must be {'an integer' if integer else 'a number'} >= {minimum}, not {value!r}")
-
-
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError for the first `config.data` field that cannot work, whatever the weights and devices."""
-    unknown = sorted(set(cfg.keys()) - set(default_config().keys()))
-    _require(not unknown, f"unknown config.data field(s) {unknown}; known: {sorted(default_config().keys())}")
-    _require(cfg.normalization in normalize.STRATEGIES,
-             f"unknown normalization {cfg.normalization!r}; choose one of {', '.join(normalize.STRATEGIES)}")
-    _require(cfg.stats_scope in normalize.SCOPES, f"stats_scope {cfg.stats_scope!r} is not one of {normalize.SCOPES}")
-    _require(isinstance(cfg.source, str) and bool(cfg.source), "config.data.source is empty")
-    for name, minimum in (("image_size", 1), ("batch_size", 1), ("eval_batch_size", 0), ("threads", 0)):
-        check_number(cfg[name], f"config.data.{name}", minimum, integer=True)
-    for name in ("crop_scale", "crop_ratio"):
-        _require(len(cfg[name]) == 2, f"config.data.{name} must be a (low, high) pair, not {cfg[name]!r}")
-        for value in cfg[name]:
-            check_number(value, f"config.data.{name}", 0)
-    _require(0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1, f"crop_scale {cfg.crop_scale}: need 0 < lo <= hi <= 1")
-    _require(0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1], f"crop_ratio {cfg.crop_ratio}: need 0 < lo <= hi")
-    check_number(cfg.crop_fraction, "config.data.crop_fraction", 0)
-    _require(cfg.crop_fraction <= 1, f"crop_fraction {cfg.crop_fraction}: need 0 (the prep's) or (0, 1]")
-    for name in ("val_percent", "test_percent"):
-        check_number(cfg[name], f"config.data.{name}", 0)
-    _require(0 < cfg.val_percent and 0 < cfg.test_percent and cfg.val_percent + cfg.test_percent < 100,
-             f"val_percent {cfg.val_percent} and test_percent {cfg.test_percent}: each > 0, together < 100")
-
-
-def _check_layout(cfg: ml_collections.ConfigDict, prep: Any, seed: int, num_devices: int, process_index: int,
-                  process_count: int) -> None:
-    """Raises ConfigError if `cfg` cannot work with these weights (`prep`) and this device and process layout."""
-    _require(cfg.normalization != "pretrained" or prep is not None,
-             "normalization 'pretrained' needs the weights' Preprocessing; with random weights choose another one")
-    check_number(seed, "seed", 0, integer=True)
-    _require(num_devices >= 1 and process_count >= 1, f"{num_devices} devices, {process_count} processes")
-    _require(0 <= process_index < process_count, f"process_index {process_index} not in [0, {process_count})")
-    for name in ("batch_size", "eval_batch_size"):
-        value = cfg[name] or cfg.batch_size
-        _require(value % num_devices == 0, f"{name} {value} (global) is not divisible by the {num_devices} devices")
-        _require(value % process_count == 0,
-                 f"{name} {value} (global) is not divisible by the {process_count} processes")
 
 
 def _keep_tf_off_accelerators() -> None:
@@ -187,6 +111,16 @@ def eval_geometry(cfg: ml_collections.ConfigDict, prep: Any) -> tuple[float, str
     return cfg.crop_fraction or (prep.crop_fraction if prep else 0.875), prep.interpolation if prep else "bilinear"
 
 
+@dataclasses.dataclass
+class _TrainStream:
+    """A train iterator that runs on from epoch to epoch: `position` is the (epoch, step) of its next batch; `owner`
+    the token of the epoch handed out from it that is being read (None: free)."""
+
+    batches: Iterator[dict[str, np.ndarray]]
+    position: tuple[int, int]
+    owner: object | None = None
+
+
 class InputPipeline:
     """A data set's splits as batch iterators for one process; see the module docstring for order and sharding.
 
@@ -211,10 +145,12 @@ class InputPipeline:
         self.crop_fraction, self.interpolation = eval_geometry(cfg, prep)
         self.stats: normalize.Stats | None = None
         self._cfg, self._seed = cfg, seed
+        self._randaugment = randaugment.parse(cfg.randaugment) if cfg.randaugment else None
         self._process, self._processes = process_index, process_count
         self.records = source.splits
         self._tables = {split: (tf.constant(r.data), tf.constant(r.labels)) for split, r in source.splits.items()}
         self._normalize = lambda x: x
+        self._stream: _TrainStream | None = None
         self._options = tf.data.Options()
         self._options.deterministic = True
         self._options.threading.max_intra_op_parallelism = 1
@@ -235,22 +171,60 @@ class InputPipeline:
         """This process's part of global batches start_step.. of `epoch`: {"image" [L,H,W,3] f32, "label" [L] i32}."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
-        local = self.local(self.train_order(epoch)[start_step:])
-        return self._iterate("train", local, None, epoch=epoch, normalized=True)
+        stream = self._stream
+        if stream is None or stream.owner is not None or stream.position != (epoch, start_step):
+            stream = self._stream = _TrainStream(self._train_batches(epoch, start_step), (epoch, start_step))
+        stream.owner = token = object()
+        return self._take_epoch(stream, token, epoch, start_step)
+
+    def _train_batches(self, epoch: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """One tf.data iterator over this process's train batches from (epoch, start_step) on, epoch after epoch."""
+        def orders() -> Iterator[tuple[int, np.ndarray]]:
+            e, step = epoch, start_step
+            while True:
+                yield e, self.local(self.train_order(e)[step:]).reshape(-1)
+                e, step = e + 1, 0
+
+        signature = (tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))
+        items = tf.data.Dataset.from_generator(orders, output_signature=signature).flat_map(
+            lambda e, indices: tf.data.Dataset.from_tensor_slices(
+                {"index": indices, "epoch": tf.fill(tf.shape(indices), e)}))
+        return self._batches("train", items, self.batch_size // self._processes)
+
+    def _take_epoch(self, stream: _TrainStream, token: object, epoch: int,
+                    start_step: int) -> Iterator[dict[str, np.ndarray]]:
+        """Batches start_step.. of `epoch` from `stream` (held with `token`), which stays at the next position for
+        the next epoch."""
+        try:
+            for step in range(start_step, self.steps_per_epoch):
+                batch = self._next("train", stream.batches,
+                                   lambda step=step: self.local(self.train_order(epoch))[step])
+                last = step + 1 == self.steps_per_epoch
+                stream.position = (epoch + 1, 0) if last else (epoch, step + 1)
+                if last:  # released with the last batch: the loop never asks past it
+                    stream.owner = None
+                yield batch
+        finally:
+            if stream.owner is token:
+                stream.owner = None
 
     def eval_steps(self, split: str) -> int:
         """Global eval batches of `split` (the last one padded)."""
         return math.ceil(self._split_size(split) / self.eval_batch_size)
 
-    def eval(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        """This process's part of every padded eval batch: {"image", "label", "mask" [L] f32 (0 = padding)}."""
+    def eval(self, split: str, views: Views | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """This process's part of every padded eval batch: {"image", "label", "mask" [L] f32 (0 = padding)}.
+
+        views: a function from a decoded image to its V test-time views (float32 [V, S, S, 3] in 0..255, see
+        `tljax.tta.views`), which replace the eval transform: "image" is then [L, V, S, S, 3], each view normalised.
+        """
         indices, mask = padded(self._split_size(split), self.eval_batch_size)
-        return self._iterate(split, self.local(indices), self.local(mask), epoch=None, normalized=True)
+        return self._iterate(split, self.local(indices), self.local(mask), normalized=True, views=views)
 
     def raw_train_images(self, batch_size: int = 64) -> Iterator[np.ndarray]:
         """Every train image once, eval transform, not normalised (the statistics pass; not sharded)."""
         indices, mask = padded(self.sizes["train"], batch_size)
-        for batch in self._iterate("train", indices, mask, epoch=None, normalized=False):
+        for batch in self._iterate("train", indices, mask, normalized=False):
             yield batch["image"][batch["mask"] > 0]
 
     def raw_images(self, split: str, indices: np.ndarray) -> np.ndarray:
@@ -258,7 +232,7 @@ class InputPipeline:
         indices = np.asarray(indices, np.int64)
         if not len(indices):
             return np.zeros((0, self.image_size, self.image_size, 3), np.float32)
-        return next(self._iterate(split, indices[None], None, epoch=None, normalized=False))["image"]
+        return next(self._iterate(split, indices[None], None, normalized=False))["image"]
 
     def _split_size(self, split: str) -> int:
         if split not in self.sizes:
@@ -270,51 +244,69 @@ class InputPipeline:
         width = global_batches.shape[1] // self._processes
         return global_batches[:, self._process * width : (self._process + 1) * width]
 
-    def _image(self, split: str, index: tf.Tensor, epoch: int | None) -> tf.Tensor:
-        """Read, decode and transform one example: float32 [S, S, 3] in 0..255."""
+    def _image(self, split: str, index: tf.Tensor, epoch: tf.Tensor | None, views: Views | None) -> tf.Tensor:
+        """Read, decode and transform one example: float32 [S, S, 3] in 0..255 (with `views`: [V, S, S, 3]).
+
+        epoch: None for the eval transform, else the train epoch whose augmentation to draw."""
         cfg, kind = self._cfg, self.records[split].kind
         raw = self._tables[split][0][index]
-        image = transforms.to_rgb(raw) if kind == "pixels" else transforms.decode(
-            tf.io.read_file(raw) if kind == "file" else raw)
+        encoded = tf.io.read_file(raw) if kind == "file" else raw
         size, method = self.image_size, self.interpolation
-        if epoch is None or not cfg.augment:
-            return transforms.center_crop(image, size, self.crop_fraction, method)
-        crop_seed, flip_seed = transforms.example_seeds(self._seed, epoch, index)
+        decoded = lambda: transforms.to_rgb(raw) if kind == "pixels" else transforms.decode(encoded)  # noqa: E731
+        if views is not None:
+            return views(decoded())
+        augment = epoch is not None and cfg.augment
+        if not (augment and cfg.random_crop):
+            image = (transforms.center_crop(decoded(), size, self.crop_fraction, method) if kind == "pixels" else
+                     transforms.decode_center_crop(encoded, size, self.crop_fraction, method, cfg.jpeg_dct_scaling))
+            if not augment:
+                return image
+        crop_seed, flip_seed, augment_seed = transforms.example_seeds(self._seed, epoch, index)
         if cfg.random_crop:
-            image = transforms.random_resized_crop(image, size, crop_seed, tuple(cfg.crop_scale),
-                                                   tuple(cfg.crop_ratio), method)
-        else:
-            image = transforms.center_crop(image, size, self.crop_fraction, method)
-        return transforms.random_flip(image, flip_seed) if cfg.flip else image
+            crop = (tuple(cfg.crop_scale), tuple(cfg.crop_ratio), method)
+            image = (transforms.random_resized_crop(decoded(), size, crop_seed, *crop) if kind == "pixels" else
+                     transforms.decode_random_resized_crop(encoded, size, crop_seed, *crop))
+        if cfg.flip:
+            image = transforms.random_flip(image, flip_seed)
+        return randaugment.apply(image, self._randaugment, augment_seed) if self._randaugment else image
 
-    def _example(self, split: str, epoch: int | None, normalized: bool, item: dict) -> dict[str, tf.Tensor]:
-        image = self._image(split, item["index"], epoch)
+    def _example(self, split: str, normalized: bool, views: Views | None, item: dict) -> dict[str, tf.Tensor]:
+        image = self._image(split, item["index"], item.get("epoch"), views)
         out = {"image": self._normalize(image) if normalized else image,
                "label": self._tables[split][1][item["index"]]}
         if "mask" in item:
             out["mask"] = item["mask"]
         return out
 
-    def _iterate(self, split: str, local: np.ndarray, mask: np.ndarray | None, *, epoch: int | None,
-                 normalized: bool) -> Iterator[dict[str, np.ndarray]]:
-        """Batches of `local` ([steps, L] indices), decoded in parallel; names the file if a decode fails."""
+    def _batches(self, split: str, items: tf.data.Dataset, batch: int, normalized: bool = True,
+                 views: Views | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Examples `items` ({"index", and "epoch" for the train transform or "mask"}) decoded in parallel, in
+        order, batched and prefetched: a numpy iterator."""
+        ds = items.map(functools.partial(self._example, split, normalized, views),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(
+            self._options).as_numpy_iterator()
+
+    def _iterate(self, split: str, local: np.ndarray, mask: np.ndarray | None, *, normalized: bool,
+                 views: Views | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Eval-transform batches of `local` ([steps, L] indices); names the file if a decode fails."""
         items = {"index": local.reshape(-1)}
         if mask is not None:
             items["mask"] = mask.reshape(-1)
-        ds = tf.data.Dataset.from_tensor_slices(items).map(
-            functools.partial(self._example, split, epoch, normalized), num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True)
-        ds = ds.batch(local.shape[1], drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(self._options)
-        batches = ds.as_numpy_iterator()
+        batches = self._batches(split, tf.data.Dataset.from_tensor_slices(items), local.shape[1], normalized, views)
         for step in range(local.shape[0]):
-            try:
-                batch = next(batches)
-            except tf.errors.InvalidArgumentError as e:
-                corrupt = self._corrupt(split, local[step], e)
-                if corrupt is None:
-                    raise
-                raise corrupt from e
-            yield batch
+            yield self._next(split, batches, lambda step=step: local[step])
+
+    def _next(self, split: str, batches: Iterator[dict[str, np.ndarray]],
+              indices: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
+        """The next batch of `batches`; if an image in it (examples `indices()`) does not decode, the error names it."""
+        try:
+            return next(batches)
+        except tf.errors.InvalidArgumentError as e:
+            corrupt = self._corrupt(split, indices(), e)
+            if corrupt is None:
+                raise
+            raise corrupt from e
 
     def _corrupt(self, split: str, indices: np.ndarray, error: Exception) -> CorruptImageError | None:
         """The error naming the undecodable images among `indices` (tf's own message names no file), if any."""
@@ -346,6 +338,8 @@ def _statistics(pipe: InputPipeline, cfg: ml_collections.ConfigDict, prep: Any, 
         settings |= {"stats_scope": cfg.stats_scope, "source": pipe.source, "train_split": pipe.specs["train"],
                      "train_examples": pipe.sizes["train"], "image_size": pipe.image_size,
                      "crop_fraction": pipe.crop_fraction, "interpolation": pipe.interpolation}
+        if cfg.jpeg_dct_scaling:  # recorded only when on: files written before the option still load
+            settings["jpeg_dct_scaling"] = True
     path = os.path.join(workdir, normalize.FILENAME) if workdir else None
     if trained_with:
         stats = normalize.read(trained_with)[1]
@@ -379,7 +373,7 @@ def build(cfg: ml_collections.ConfigDict, prep: Any = None, *, seed: int = 0, wo
     trained_with: a trained run's normalization.json whose statistics to use unchanged (see `_statistics`).
     """
     check_config(cfg)
-    _check_layout(cfg, prep, seed, num_devices, process_index, process_count)
+    check_layout(cfg, prep, seed, num_devices, process_index, process_count)
     _keep_tf_off_accelerators()
     specs = {"train": cfg.train_split, "val": cfg.val_split, "test": cfg.test_split}
     source = sources.load(cfg.source, data_dir=cfg.data_dir, download=cfg.download, specs=specs,
