@@ -1,15 +1,20 @@
-"""Side-by-side speed of tljax and Keras 3 (JAX backend) on the same model, batch and machine, in one process.
+"""Side-by-side speed of tljax, Keras 3 (JAX backend) and PyTorch on the same model, batch and machine, in one process.
 
-    python scripts/benchmark.py --model resnet50 --image-size 160 --batch-size 32 --compare keras --json bench.json
+    python scripts/benchmark.py --model resnet50 --image-size 160 --batch-size 32 --compare keras,torch --json b.json
 
 Measures images/s of: the eval forward pass, the phase-1 step (backbone frozen), the phase-1 step on cached
 features, the phase-2 step (everything trains, BatchNorm in inference mode) and the input pipeline (JPEG decode,
-random-resized crop, flip, normalize on a generated folder of photos-sized JPEGs); with `--compare keras`, the
-same phases in Keras (`base.trainable = False` / `True`, `train_on_batch`, `predict_on_batch`). Rounds interleave
-every measurement (A B A B ...), the first call of each (compilation) is timed separately and excluded, and each
-figure is the median of the rounds with its min-max. The eval and phase-2 rates are also given as a share of this
-machine's best matmul rate (measured at the end), using XLA's own FLOP count of each compiled step. Numbers depend
-on what else the machine is doing: compare ratios from one run, not figures across runs.
+random-resized crop, flip, normalize on a generated folder of photos-sized JPEGs); with `--techniques`, also the
+phase-2 step with the fine-tuning techniques on (`TECHNIQUES`: EMA of the weights, label smoothing, layer decay, and
+mixup), whose cost phase2_techniques_vs_phase2 gives (the median of the rounds' ratios) beside the ratio of XLA's
+FLOP counts; with `--compare keras`, the same phases in Keras (`base.trainable = False` / `True`, `train_on_batch`,
+`predict_on_batch`); with `--compare torch`, in PyTorch, eager ("torch") and under torch.compile ("torch_compile"),
+on torchvision's model (`scripts/torch_bench.py`; `--compare keras,torch` for both). Rounds interleave every
+measurement, in turn forwards and backwards (A B, B A, ...), the first call of each (compilation) is timed
+separately and excluded, and each figure is the median of the rounds with its min-max. The eval and phase-2 rates
+are also given as a share of this machine's best matmul rate (measured at the end), using XLA's own FLOP count of
+each compiled step. Numbers depend on what else the machine is doing: compare ratios from one run, not figures
+across runs.
 """
 
 from __future__ import annotations
@@ -29,14 +34,26 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch_bench  # noqa: E402  (scripts/torch_bench.py, beside this script; imports torch only when asked)
 
-from tljax import data, models, optim, parallel, steps  # noqa: E402
 from tljax import config as config_lib  # noqa: E402
+from tljax import data, models  # noqa: E402
 from tljax.pretrained.prep import TORCHVISION  # noqa: E402
+from tljax.training import mixing, optim, parallel, steps  # noqa: E402
 
 KERAS_MODELS = {"resnet50": "ResNet50", "resnet101": "ResNet101", "resnet152": "ResNet152", "vgg16": "VGG16",
-                **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)}}
+                **{f"efficientnet_b{i}": f"EfficientNetB{i}" for i in range(8)},
+                **{f"convnext_{s.lower()}": f"ConvNeXt{s}" for s in ("Tiny", "Small", "Base", "Large", "XLarge")}}
+# ViTs compare with keras-hub's ViTBackbone (`pip install keras-hub`, not a tljax dependency), pooled by the class
+# token as tljax's: its arguments per model.
+KERAS_HUB_VITS = {"vit_small_patch16": {"patch_size": 16, "num_layers": 12, "num_heads": 6, "hidden_dim": 384,
+                                        "mlp_dim": 1536},
+                  "vit_base_patch16": {"patch_size": 16, "num_layers": 12, "num_heads": 12, "hidden_dim": 768,
+                                       "mlp_dim": 3072}}
 CLASSES = 10
+# --techniques: phase 2 with these phase fields on, and mixup (alpha 0.2) on its batches.
+TECHNIQUES = {"ema_decay": 0.999, "label_smoothing": 0.1, "layer_decay": 0.75}
+MIXUP_ALPHA = 0.2
 
 
 def _random_variables(model: Any, size: int) -> dict:
@@ -54,8 +71,10 @@ def _random_variables(model: Any, size: int) -> dict:
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def tljax_steps(name: str, size: int, batch: int, dtype: str) -> dict[str, tuple[Callable, Any]]:
-    """Each phase as (step function, initial carry); calling step(carry) returns the next carry."""
+def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool = False
+                ) -> dict[str, tuple[Callable, Any]]:
+    """Each phase as (step function, initial carry); calling step(carry) returns the next carry. With `techniques`,
+    also "phase2_techniques": phase 2 with `TECHNIQUES` and mixup on."""
     model = models.create(name, CLASSES, dtype=dtype)
     variables = jax.device_put(_random_variables(model, size))
     rng = np.random.default_rng(1)
@@ -67,24 +86,37 @@ def tljax_steps(name: str, size: int, batch: int, dtype: str) -> dict[str, tuple
     micro = parallel.micro_batches(batch)
     out = {}
     evaluate = jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=micro))
-    eval_state = steps.TrainState(0, variables["params"], variables["batch_stats"], None, None)
     eval_batch = {"image": images, "label": labels, "mask": np.ones(batch, np.float32)}
-    out["eval"] = (lambda carry: evaluate(eval_state, eval_batch), None)
-    for phase, trainable, on_features in (("phase1", "^head/", False), ("phase1_cached", "^head/", True),
-                                          ("phase2", ".", False)):
-        cfg = config_lib.phase(trainable=trainable)
-        labels_tree = optim.param_labels(variables["params"], trainable)
-        tx = optim.build(cfg, labels_tree, 1000)
-        fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels_tree, bn_train=False,
-                                       on_features=on_features, micro_batches=micro), donate_argnums=0)
+    out["eval"] = (lambda carry: evaluate(variables, eval_batch), None)
+    phases = [("phase1", "^head/", False, False), ("phase1_cached", "^head/", True, False),
+              ("phase2", ".", False, False)] + ([("phase2_techniques", ".", False, True)] if techniques else [])
+    for phase, trainable, on_features, with_techniques in phases:
+        fn, state = _phase_step(model, variables, trainable, techniques=with_techniques, on_features=on_features,
+                                micro_batches=micro, donate=True)
         batch_ = batches["features" if on_features else "image"]
-        state = steps.create_state(jax.tree.map(np.copy, variables), tx, jax.random.PRNGKey(0))
         out[phase] = (lambda carry, fn=fn, b=batch_: fn(carry, b)[0], state)
     return out
 
 
+def _phase_step(model: Any, variables: dict, trainable: str, techniques: bool = False, on_features: bool = False,
+                micro_batches: int = 1, donate: bool = False) -> tuple[Callable, steps.TrainState]:
+    """(the jitted train step of a phase that trains `trainable`, its initial state); with `techniques`,
+    `TECHNIQUES` and mixup on."""
+    cfg = config_lib.phase(trainable=trainable, **(TECHNIQUES if techniques else {}))
+    labels_tree = optim.param_labels(variables["params"], trainable)
+    tx = optim.build(cfg, labels_tree, 1000, depths=models.layer_depths(model))
+    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels_tree, bn_train=False,
+                                   on_features=on_features, micro_batches=micro_batches,
+                                   ema=steps.phase_ema(cfg, 0), label_smoothing=cfg.label_smoothing,
+                                   mixing=mixing.Settings(mixup_alpha=MIXUP_ALPHA) if techniques else None),
+                 donate_argnums=(0,) if donate else ())
+    state = steps.create_state(jax.tree.map(np.copy, variables), tx, jax.random.PRNGKey(0), ema=cfg.ema_decay > 0)
+    return fn, state
+
+
 def keras_steps(name: str, size: int, batch: int) -> dict[str, tuple[Callable, Any]]:
-    """The same phases in Keras 3: the Applications backbone, global average pooling and a Dense head."""
+    """The same phases in Keras 3: the Applications backbone, global average pooling and a Dense head (a ViT:
+    keras-hub's backbone, its class token and a Dense head)."""
     import keras
 
     rng = np.random.default_rng(1)
@@ -93,11 +125,17 @@ def keras_steps(name: str, size: int, batch: int) -> dict[str, tuple[Callable, A
 
     def build(trainable: bool) -> keras.Model:
         # One model per phase: Keras reads `trainable` at every step, so two phases cannot share layers.
-        base = getattr(keras.applications, KERAS_MODELS[name])(include_top=False, weights=None, pooling="avg",
-                                                               input_shape=(size, size, 3))
+        if name in KERAS_HUB_VITS:
+            import keras_hub
+
+            base = keras_hub.models.ViTBackbone(image_shape=(size, size, 3), **KERAS_HUB_VITS[name])
+        else:
+            base = getattr(keras.applications, KERAS_MODELS[name])(include_top=False, weights=None, pooling="avg",
+                                                                   input_shape=(size, size, 3))
         base.trainable = trainable
         inputs = keras.Input((size, size, 3))
-        model = keras.Model(inputs, keras.layers.Dense(CLASSES)(base(inputs, training=False)))
+        pooled = base(inputs, training=False)
+        model = keras.Model(inputs, keras.layers.Dense(CLASSES)(pooled[:, 0] if name in KERAS_HUB_VITS else pooled))
         model.compile(optimizer=keras.optimizers.Adam(1e-4), jit_compile=True,
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
@@ -150,16 +188,17 @@ def _time(fn: Callable, carry: Any, steps_: int) -> tuple[float, Any]:
 
 
 def measure(systems: dict[str, dict[str, tuple[Callable, Any]]], batch: int, rounds: int, steps_: int) -> dict:
-    """Interleaved rounds over every (system, phase); returns medians, ranges and compile times."""
+    """Interleaved rounds over every (system, phase); returns medians, ranges, every round's figure and compile
+    times."""
     carries = {(s, p): c for s, phases in systems.items() for p, (_, c) in phases.items()}
     compile_s, samples = {}, {key: [] for key in carries}
     for key in carries:  # first call (compilation) and one warm-up call, both excluded
         fn = systems[key[0]][key[1]][0]
         compile_s[key], carries[key] = _time(fn, carries[key], 1)
         _, carries[key] = _time(fn, carries[key], 1)
-        print(f"  compiled {key[0]:6s} {key[1]:14s} {compile_s[key]:7.1f} s", file=sys.stderr)
+        print(f"  compiled {key[0]:13s} {key[1]:14s} {compile_s[key]:7.1f} s", file=sys.stderr)
     for r in range(rounds):
-        for key in carries:
+        for key in list(carries)[:: 1 if r % 2 == 0 else -1]:  # A B ... B A: a drifting load affects both alike
             n = steps_ * (20 if key[1] in ("pipeline", "phase1_cached") else 1)
             seconds, carries[key] = _time(systems[key[0]][key[1]][0], carries[key], n)
             samples[key].append(n * batch / seconds)
@@ -168,7 +207,7 @@ def measure(systems: dict[str, dict[str, tuple[Callable, Any]]], batch: int, rou
     for (system, phase), values in samples.items():
         results.setdefault(system, {})[phase] = {
             "images_per_s": statistics.median(values), "min": min(values), "max": max(values),
-            "compile_s": compile_s[(system, phase)]}
+            "rounds": values, "compile_s": compile_s[(system, phase)]}
     return results
 
 
@@ -181,67 +220,99 @@ def matmul_limit_gflops(dtype: str) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def _flops_per_image(name: str, size: int, batch: int, dtype: str) -> dict[str, float]:
-    """XLA's own FLOP counts of the compiled eval forward and phase-2 step, per image."""
+def _flops_per_image(name: str, size: int, batch: int, dtype: str, techniques: bool = False) -> dict[str, float]:
+    """XLA's own FLOP counts of the compiled eval forward and phase-2 step (and with `techniques`, of the phase-2
+    step with them), per image."""
     model = models.create(name, CLASSES, dtype=dtype)
     variables = _random_variables(model, size)
     x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
     fwd = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).compile().cost_analysis()
-    labels_tree = optim.param_labels(variables["params"], ".")
-    tx = optim.build(config_lib.phase(trainable="."), labels_tree, 1000)
-    state = steps.create_state(variables, tx, jax.random.PRNGKey(0))
-    fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, labels=labels_tree, bn_train=False))
+    flops = {"eval": fwd["flops"] / batch}
     batch_ = {"image": x, "label": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-    train = fn.lower(state, batch_).compile().cost_analysis()
-    return {"eval": fwd["flops"] / batch, "phase2": train["flops"] / batch}
+    for phase, with_techniques in (("phase2", False), ("phase2_techniques", True))[: 1 + techniques]:
+        fn, state = _phase_step(model, variables, ".", techniques=with_techniques)
+        flops[phase] = fn.lower(state, batch_).compile().cost_analysis()["flops"] / batch
+    return flops
+
+
+def _comparisons(text: str) -> tuple[str, ...]:
+    """--compare's comma list, checked."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = set(names) - {"keras", "torch"}
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown system(s) {', '.join(sorted(unknown))}; choose from keras, torch")
+    return names
 
 
 def main() -> None:
+    if "--pipeline" in sys.argv[1:]:  # input pipeline and host-side speed: scripts/pipeline_bench.py's modes
+        import pipeline_bench
+
+        pipeline_bench.main([a for a in sys.argv[1:] if a != "--pipeline"])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet50", choices=models.names())
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", default="float32", choices=sorted(models.DTYPES))
-    parser.add_argument("--compare", choices=["keras"], default=None)
+    parser.add_argument("--compare", type=_comparisons, default=(),
+                        help="comma list of systems to time beside tljax: keras, torch (eager and torch.compile)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per measurement (x20 for the fast phases)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--techniques", action="store_true",
+                        help=f"also time phase 2 with {TECHNIQUES} and mixup alpha {MIXUP_ALPHA}")
     args = parser.parse_args()
 
-    systems = {"tljax": tljax_steps(args.model, args.image_size, args.batch_size, args.dtype)}
+    if "keras" in args.compare and args.model not in KERAS_MODELS and args.model not in KERAS_HUB_VITS:
+        parser.error(f"Keras Applications has no {args.model}")
+    if "torch" in args.compare and args.model not in torch_bench.ARCHITECTURES:
+        parser.error(f"torchvision has no {args.model}; --compare torch supports "
+                     f"{', '.join(torch_bench.ARCHITECTURES)}")
+
+    systems = {"tljax": tljax_steps(args.model, args.image_size, args.batch_size, args.dtype, args.techniques)}
     folder = tempfile.mkdtemp(prefix="tljax-bench-")
     write_jpegs(folder)
     systems["tljax"]["pipeline"] = pipeline_step(args.image_size, args.batch_size, folder)
-    if args.compare == "keras":
-        if args.model not in KERAS_MODELS:
-            parser.error(f"Keras Applications has no {args.model}")
+    if "keras" in args.compare:
         systems["keras"] = keras_steps(args.model, args.image_size, args.batch_size)
+    if "torch" in args.compare:
+        for system in torch_bench.SYSTEMS:
+            systems[system] = torch_bench.steps(args.model, args.image_size, args.batch_size, CLASSES,
+                                                compiled=system == "torch_compile")
     results = measure(systems, args.batch_size, args.rounds, args.steps)
 
-    flops = _flops_per_image(args.model, args.image_size, args.batch_size, args.dtype)
+    flops = _flops_per_image(args.model, args.image_size, args.batch_size, args.dtype, args.techniques)
     limit = matmul_limit_gflops(args.dtype)
     ours = {p: v["images_per_s"] for p, v in results["tljax"].items()}
     ratios = {"phase1_vs_phase2": ours["phase1"] / ours["phase2"],
               "pipeline_vs_phase2": ours["pipeline"] / ours["phase2"]}
-    if "keras" in results:
-        theirs = {p: v["images_per_s"] for p, v in results["keras"].items()}
-        ratios.update({"eval_vs_keras": ours["eval"] / theirs["eval"],
-                       "phase1_vs_keras": ours["phase1"] / theirs["phase1"],
-                       "phase1_cached_vs_keras_phase1": ours["phase1_cached"] / theirs["phase1"],
-                       "phase2_vs_keras": ours["phase2"] / theirs["phase2"]})
-    report = {"setup": {**vars(args), "devices": str(jax.devices()), "flops_per_image": flops,
-                        "limit_gflops": limit}, **results, "ratios": ratios}
+    if args.techniques:  # each round timed the two steps one after the other: the median of their ratios
+        rounds = zip(results["tljax"]["phase2_techniques"]["rounds"], results["tljax"]["phase2"]["rounds"])
+        ratios["phase2_techniques_vs_phase2"] = statistics.median(a / b for a, b in rounds)
+        ratios["phase2_techniques_flops_vs_phase2"] = flops["phase2_techniques"] / flops["phase2"]
+    for other in ("keras", *torch_bench.SYSTEMS):
+        if other in results:
+            theirs = {p: v["images_per_s"] for p, v in results[other].items()}
+            ratios.update({f"eval_vs_{other}": ours["eval"] / theirs["eval"],
+                           f"phase1_vs_{other}": ours["phase1"] / theirs["phase1"],
+                           f"phase1_cached_vs_{other}_phase1": ours["phase1_cached"] / theirs["phase1"],
+                           f"phase2_vs_{other}": ours["phase2"] / theirs["phase2"]})
+    setup = {**vars(args), "devices": str(jax.devices()), "flops_per_image": flops, "limit_gflops": limit}
+    if "torch" in args.compare:
+        setup["torch_threads"] = torch_bench.threads()
+    report = {"setup": setup, **results, "ratios": ratios}
 
     print(f"\n{args.model} {args.image_size}px batch {args.batch_size} {args.dtype} (images/s, median [min-max]); "
           f"limit: {limit:.0f} GFLOP/s ({args.dtype} matmul on this machine)")
     for system, phases in results.items():
         for phase, v in phases.items():
-            gflops = {"eval": flops["eval"], "phase2": flops["phase2"]}.get(phase)
+            gflops = flops.get(phase)
             share = f"  {100 * v['images_per_s'] * gflops / 1e9 / limit:4.1f}% of limit" if gflops else ""
-            print(f"  {system:6s} {phase:14s} {v['images_per_s']:9.2f}  [{v['min']:.2f}-{v['max']:.2f}]"
+            print(f"  {system:13s} {phase:17s} {v['images_per_s']:9.2f}  [{v['min']:.2f}-{v['max']:.2f}]"
                   f"  compile {v['compile_s']:5.1f} s{share}")
     for name, value in ratios.items():
-        print(f"  {name:30s} {value:8.2f}x")
+        print(f"  {name:34s} {value:8.3f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
