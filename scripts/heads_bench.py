@@ -1,4 +1,4 @@
-"""Time per epoch of K heads trained together on cached features (`tljax.heads`), K = 1, 4, 16, 64.
+"""Time per epoch of K heads trained together on cached features (`tljax.training.heads`), K = 1, 4, 16, 64.
 
     python scripts/heads_bench.py [--model efficientnet_lite0] [--examples 2000] [--batch 32] [--rounds 5]
 
@@ -19,7 +19,8 @@ import time
 import jax
 import numpy as np
 
-from tljax import config, heads, models, optim, steps
+from tljax import config, models
+from tljax.training import heads, optim, steps
 
 
 def _epoch_fn(model: models.Classifier, variables: dict, k: int, phase, total: int):

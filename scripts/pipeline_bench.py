@@ -12,12 +12,13 @@ Modes:
             its steady state (the rest of the epoch).
   boundary  the training loop's view of epoch boundaries: a consumer that spends a fixed time per step (slightly
             more than the pipeline needs per batch, so the pipeline keeps up) reads several epochs the way
-            `tljax.train` does; the wait for each batch is recorded, and the waits at the first step of every epoch
-            are compared with the steady ones.
+            `tljax.training.train` does; the wait for each batch is recorded, and the waits at the first step of every
+            epoch are compared with the steady ones.
   dct       the eval transform with and without the JPEG decoder's DCT downscaling (`config.data.jpeg_dct_scaling`):
             pixel differences (0..255) and the top-1 agreement of a pretrained ImageNet model (EfficientNet-Lite0
             from its wheel) over the photos and any images in `--extra` folders.
-  host      the training loop (`tljax.train.run`) with a model that costs almost nothing (resnet_tiny at 32 px on
+  host      the training loop (`tljax.training.train.run`) with a model that costs almost nothing (resnet_tiny at 32 px
+  on
             in-memory pixels): steps/s, and host milliseconds per step (the loop's time per step minus the time
             of the same compiled step called back to back on batches already on the device).
 
@@ -126,7 +127,8 @@ def measure_pipeline(folder: str, size: int, batch: int, threads: list[int], epo
 
 
 def measure_boundary(folder: str, size: int, batch: int, threads: int, epochs: int) -> dict[str, Any]:
-    """Waits for data of a consumer that reads `epochs` epochs as tljax.train does, with a fixed time per step."""
+    """Waits for data of a consumer that reads `epochs` epochs as tljax.training.train does, with a fixed time per
+    step."""
     ds = data.build(photo_config(folder, size, batch, threads), TORCHVISION, seed=0)
     probe = time_epochs(ds.train, 1, batch)
     step_s = 1.25 * batch / probe["images_per_s"][0]  # the pipeline keeps up with this consumer
@@ -200,7 +202,7 @@ def measure_host(batch: int, rounds: int) -> dict[str, Any]:
     the difference per step is the loop's host time (data included, as the loop waits for it)."""
     import jax
 
-    from tljax import optim, parallel, steps, train
+    from tljax.training import optim, parallel, steps, train
 
     cfg = host_config(250, batch)  # animal_mnist: 8,000 train images = 250 steps of 32, one epoch
     loop, bare = [], []
@@ -242,7 +244,7 @@ def measure_host(batch: int, rounds: int) -> dict[str, Any]:
 
 def train_history(workdir: str) -> list[dict]:
     """The epoch history the run's newest checkpoint keeps."""
-    from tljax import checkpoint
+    from tljax.training import checkpoint
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
     try:

@@ -1,4 +1,5 @@
-"""Test-wide settings: Keras on the JAX backend, exact float32 matmuls for parity checks, quiet TensorFlow, no triton."""
+"""Test-wide settings: Keras on the JAX backend, exact float32 matmuls for parity checks, quiet TensorFlow, no
+triton."""
 
 import os
 import sys
@@ -30,3 +31,21 @@ def trained_run(tmp_path_factory):
     result = train_util.cli(folder, workdir, "--config.phases[0].epochs=1", "--config.phases[1].epochs=1")
     assert result.returncode == 0, result.stderr[-3000:]
     return folder, workdir
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    """A persistent JAX compilation cache for a module's tests (`pytestmark = pytest.mark.usefixtures(...)`): the
+    tiny runs of one module compile the same steps again in each run and subprocess."""
+    from tests import train_util
+
+    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
+        yield
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A small folder data set of generated images (`train_util.image_folder`), one per test module."""
+    from tests import train_util
+
+    return train_util.image_folder(tmp_path_factory.mktemp("images"))

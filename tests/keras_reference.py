@@ -108,7 +108,8 @@ def _set_normalization(model, mean, variance) -> None:
 
 
 def _copy_as_float32(src: Path, dst: Path) -> None:
-    """Copies an HDF5 file with every float64 dataset stored as float32 (exact: the values are float32-representable)."""
+    """Copies an HDF5 file with every float64 dataset stored as float32 (exact: the values are
+    float32-representable)."""
     import h5py
 
     with h5py.File(src, "r") as f, h5py.File(dst, "w") as g:
@@ -149,7 +150,8 @@ def _write(name: str, folder: Path) -> None:
     def images_of(x: np.ndarray) -> np.ndarray:
         """0..255 RGB images whose normalisation (the model's preprocessing) is `x`."""
         if family == "efficientnet":
-            return (x * std + np.asarray(NORMALIZATION[0] if variant != "imagenet" else IMAGENET_NORMALIZATION[0])) * 255
+            mean = NORMALIZATION[0] if variant != "imagenet" else IMAGENET_NORMALIZATION[0]
+            return (x * std + np.asarray(mean)) * 255
         if family == "convnext":
             return (x * np.asarray(CONVNEXT_NORMALIZATION[1]) + np.asarray(CONVNEXT_NORMALIZATION[0])) * 255
         return (x + np.asarray(CAFFE_MEAN_BGR))[..., ::-1]  # caffe: BGR, the ImageNet mean subtracted

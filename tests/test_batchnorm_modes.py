@@ -13,7 +13,8 @@ import pytest
 from flax import traverse_util
 
 from tljax import config as config_lib
-from tljax import models, optim, steps
+from tljax import models
+from tljax.training import optim, steps
 
 SIZE = 32
 TRAINABLE = "stage4|^head/"

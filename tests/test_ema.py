@@ -20,8 +20,10 @@ import tensorflow as tf
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import checkpoint, evaluate, export, models, optim, predict, preemption, report, restore, steps, train
 from tljax import config as config_lib
+from tljax import evaluate, export, models, predict, report
+from tljax.runs import restore
+from tljax.training import checkpoint, optim, preemption, steps, train
 
 
 def _batch(seed: int, n: int = 8, size: int = 16, classes: int = 5) -> dict[str, np.ndarray]:
@@ -74,15 +76,7 @@ def _techniques(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return cfg
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
-        yield
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return train_util.image_folder(tmp_path_factory.mktemp("images"))
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 from tests.tool_util import snapshot, tool
-from tljax import evaluate, metrics, predict, restore
+from tljax import evaluate, predict
+from tljax.runs import restore
+from tljax.training import metrics
 
 
 def test_accuracy_equals_the_summary_and_the_confusion_matrix_counts_every_test_example(trained_run):

@@ -16,9 +16,10 @@ from flax import traverse_util
 
 from tests import train_util
 from tests.tool_util import snapshot, tool
-from tljax import export, pretrained, restore
+from tljax import export, pretrained
 from tljax.data import normalize, pipeline, transforms
 from tljax.pretrained import exported
+from tljax.runs import restore
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ import pytest
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import train
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return train_util.image_folder(tmp_path_factory.mktemp("images"))
+from tljax.training import train
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Many heads in one step (`tljax.heads`): K heads with different learning rates, weight decays, label smoothing and
-schedule arguments, trained together on cached features, each equal to its own run; and a sweep that uses them."""
+"""Many heads in one step (`tljax.training.heads`): K heads with different learning rates, weight decays, label
+smoothing and schedule arguments, trained together on cached features, each equal to its own run; and a sweep that uses
+them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import heads, sweep_runner, sweeps, train
+from tljax.research import sweep_runner, sweeps
+from tljax.training import heads, train
 
 SWEEP = [  # phase 1's numbers: learning rate, weight decay (never 0 here), label smoothing, cosine decay's alpha
     {"phases[0].optimizer.learning_rate": 1e-2, "phases[0].weight_decay": 1e-4, "phases[0].label_smoothing": 0.0,
@@ -24,10 +26,7 @@ SWEEP = [  # phase 1's numbers: learning rate, weight decay (never 0 here), labe
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
-        yield
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")

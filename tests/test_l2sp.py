@@ -13,8 +13,9 @@ import pytest
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import checkpoint, data, models, optim, parallel, preemption, steps, train
 from tljax import config as config_lib
+from tljax import data, models
+from tljax.training import checkpoint, optim, parallel, preemption, steps, train
 
 LR, ALPHA = 0.1, 0.5
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from tljax import config as config_lib
-from tljax import data, models, optim, steps
+from tljax import data, models
+from tljax.training import optim, steps
 
 LR, K, N = 0.5, 4, 8
 

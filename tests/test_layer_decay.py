@@ -15,7 +15,8 @@ import pytest
 
 from tests.test_efficientnet import SMALL
 from tljax import config as config_lib
-from tljax import data, models, optim
+from tljax import data, models
+from tljax.training import optim
 
 LR = 0.1
 # name, create kwargs, image size: the smallest variant of each family (VGG's fc layers 8 units wide).

@@ -1,5 +1,5 @@
-"""Mixup and CutMix (`tljax.mixing`): the mixed batch and soft targets against a numpy reference written from timm's
-definitions, lambda equal to the pasted box's real area, mix_prob, and pmap equal to jit on four devices."""
+"""Mixup and CutMix (`tljax.training.mixing`): the mixed batch and soft targets against a numpy reference written from
+timm's definitions, lambda equal to the pasted box's real area, mix_prob, and pmap equal to jit on four devices."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from tljax import config as config_lib
-from tljax import data, mixing
+from tljax import data
+from tljax.training import mixing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, H, W, K = 6, 7, 9, 5
@@ -143,7 +144,7 @@ PMAP_CHECK = textwrap.dedent("""
     import functools
     import jax, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
-    from tljax import mixing
+    from tljax.training import mixing
     assert jax.device_count() == 4
     rng = np.random.default_rng(0)
     images = rng.normal(size=(8, 6, 5, 3)).astype(np.float32)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tljax import config as config_lib
-from tljax import mixing, models, optim, steps
+from tljax import models
+from tljax.training import mixing, optim, steps
 
 K, N = 5, 8
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from tljax import config as config_lib
-from tljax import models, optim, steps
+from tljax import models
+from tljax.training import optim, steps
 
 SIZE = 32
 # A 10-block, 8-to-80-channel EfficientNet-Lite with every kind of layer (expand, depthwise, strides, residuals).

@@ -13,8 +13,10 @@ import pytest
 import tensorflow as tf
 
 from tests.tool_util import snapshot, tool
-from tljax import data, predict, restore, steps
+from tljax import data, predict
 from tljax.data import normalize
+from tljax.runs import restore
+from tljax.training import steps
 
 
 def _eval_step_labels(run: restore.TrainedRun, split: str) -> dict[str, int]:

@@ -1,6 +1,6 @@
-"""`tljax.fewshot` / `tljax.probing` / `python -m tljax.probe`: the closed-form ridge probe against lstsq and the
-normal equations, L2 chosen on validation alone, pretrained features beating random ones, the command's files, and
-bad settings refused before any feature is computed."""
+"""`tljax.research.fewshot` / `tljax.research.probing` / `python -m tljax.probe`: the closed-form ridge probe against
+lstsq and the normal equations, L2 chosen on validation alone, pretrained features beating random ones, the
+command's files, and bad settings refused before any feature is computed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from tests.tool_util import tool
-from tljax import fewshot, pretrained, probing
+from tljax import pretrained
+from tljax.research import fewshot, probing
 
 
 def _problem(n: int, d: int, classes: int = 4, seed: int = 0):

@@ -35,7 +35,8 @@ def test_pixel_ops_on_a_gradient():
     np.testing.assert_array_equal(run(ra.solarize_add, RAMP, 100), np.where(RAMP < 128, np.minimum(RAMP + 100, 255),
                                                                            RAMP))
     for bits in range(5):
-        np.testing.assert_array_equal(run(ra.posterize, RAMP, bits), RAMP.astype(np.uint8) & ((0xFF << (8 - bits)) & 0xFF))
+        np.testing.assert_array_equal(run(ra.posterize, RAMP, bits), RAMP.astype(np.uint8) & ((0xFF << (8 - bits)) &
+        0xFF))
     assert len(np.unique(run(ra.posterize, RAMP, 3))) == 8
 
 

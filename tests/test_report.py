@@ -13,7 +13,8 @@ import tensorflow as tf
 
 from tests import browser
 from tests.tool_util import snapshot, tool
-from tljax import report, restore
+from tljax import report
+from tljax.runs import restore
 
 
 @pytest.fixture(scope="module")

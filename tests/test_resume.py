@@ -14,18 +14,11 @@ from ml_collections import config_flags
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import checkpoint, main, preemption, report, train
+from tljax import main, report
+from tljax.training import checkpoint, preemption, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
-        yield
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return train_util.image_folder(tmp_path_factory.mktemp("images"))
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from tljax import config as config_lib
-from tljax import models, optim, steps
+from tljax import models
+from tljax.training import optim, steps
 
 
 def _setup(trainable: str, bn: str = "frozen", name: str = "resnet_tiny", size: int = 16, **phase_kwargs):
@@ -125,6 +126,6 @@ def test_micro_batched_backbone_gives_the_numbers_of_one_pass():
 
 
 def test_micro_batches_divide_the_batch_on_cpu():
-    from tljax import parallel
+    from tljax.training import parallel
 
     assert [parallel.micro_batches(n) for n in (32, 64, 12, 8, 6)] == [4, 8, 1, 1, 1]

@@ -1,6 +1,6 @@
-"""Sweeps (`tljax.sweeps`, `sweep_runner`, `sweep_report`): shared phases trained once and each variant equal to its
-independent run, bit for bit, through a preemption, a diverging and an invalid variant and reruns; the comparison;
-resuming into phases not started yet; the lock of a shared prefix."""
+"""Sweeps (`tljax.research.sweeps`, `sweep_runner`, `sweep_report`): shared phases trained once and each variant equal
+to its independent run, bit for bit, through a preemption, a diverging and an invalid variant and reruns; the
+comparison; resuming into phases not started yet; the lock of a shared prefix."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from ml_collections.config_flags import config_path
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import checkpoint, preemption, report, sweep_report, sweep_runner, sweeps, train
+from tljax import report
+from tljax.research import sweep_report, sweep_runner, sweeps
+from tljax.training import checkpoint, preemption, train
 
 RATES = (1e-3, 1e-2, 3e-2)  # phase 2's learning rate in the variants that finish
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
-        yield
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,10 @@ import sys
 import pytest
 
 from tests import train_util
-from tljax import sweep_report, sweep_runner
+from tljax.research import sweep_report, sweep_runner
 
 GRID = "--grid=phases[1].optimizer.learning_rate=1e-3,1e-2,3e-2"
 ONE_EPOCH = ("--config.phases[0].epochs=1", "--config.phases[1].epochs=1")
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return train_util.image_folder(tmp_path_factory.mktemp("images"))
 
 
 def _sweep(folder, workdir, *args: str, log=None) -> subprocess.Popen:
@@ -67,7 +62,8 @@ def test_bad_input_is_refused_before_anything_trains(folder, tmp_path):
     root = tmp_path / "sweep"
     for args, message in (
             (["--grid=phases[1].optimizer.learnig_rate=1e-3,1e-2"],
-             "phases[1].optimizer.learnig_rate is not a config field (did you mean phases[1].optimizer.learning_rate?)"),
+             "phases[1].optimizer.learnig_rate is not a config field (did you mean "
+             "phases[1].optimizer.learning_rate?)"),
             ([GRID, "--variant_shard=2/2"], "--variant_shard='2/2': write i/n with 0 <= i < n")):
         job = _sweep(folder, root, *args)
         output, _ = job.communicate(timeout=300)

@@ -16,20 +16,12 @@ import pytest
 
 from tests import train_util
 from tests.configs import tiny
-from tljax import checkpoint, preemption, train
+from tljax.training import checkpoint, preemption, train
 
 FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    with train_util.compile_cache(tmp_path_factory.mktemp("jax-cache")):
-        yield
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return train_util.image_folder(tmp_path_factory.mktemp("images"))
+pytestmark = pytest.mark.usefixtures("compile_cache")
 
 
 @pytest.fixture(scope="module")

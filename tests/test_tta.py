@@ -1,5 +1,5 @@
-"""Test-time augmentation (`tljax.tta`, `--tta` of evaluate and predict): the views' geometry, the mean of the views'
-probabilities computed by hand on a trained model, and names refused before anything loads."""
+"""Test-time augmentation (`tljax.runs.tta`, `--tta` of evaluate and predict): the views' geometry, the mean of the
+views' probabilities computed by hand on a trained model, and names refused before anything loads."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import tensorflow as tf
 
 from tests.tool_util import snapshot, tool
-from tljax import data, evaluate, predict, restore, tta
+from tljax import data, evaluate, predict
 from tljax.data import normalize, transforms
+from tljax.runs import restore, tta
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

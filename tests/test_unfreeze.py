@@ -15,7 +15,8 @@ import pytest
 from tests.test_efficientnet import SMALL
 from tests.test_layer_decay import call_order
 from tljax import config as config_lib
-from tljax import models, optim
+from tljax import models
+from tljax.training import optim
 
 ADAM = {"name": "adam", "learning_rate": 1e-4}
 # name: (create kwargs for a small variant with the family's module names, number of stages, the stage a

@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 from tests import train_util
 from tests.configs import tiny
 from tljax import config as config_lib
-from tljax import data, optim, train
+from tljax import data
+from tljax.training import optim, train
 
 
 def _set(cfg: ConfigDict, path: str, value) -> None:

@@ -20,10 +20,12 @@ import pytest
 
 from tests import parity, train_util
 from tljax import config as config_lib
-from tljax import models, optim, pretrained, restore
+from tljax import models, pretrained
 from tljax.data import ConfigError
 from tljax.models import vit
 from tljax.pretrained.mappings.vit import resample_matrix
+from tljax.runs import restore
+from tljax.training import optim
 
 # Parameter counts with a 1000-way classifier, at the weights' native size, of timm's models of the same names.
 PARAMETERS = {
@@ -166,9 +168,8 @@ def _timm_vit(size: int, seed: int = 0, **kwargs):
     """A timm VisionTransformer of vit_micro_patch4's shape (or as `kwargs` change it) for `size` px, with random
     norms, biases, tokens and layer scales."""
     torch_reference = pytest.importorskip("tests.torch_reference")
-    from timm.models.vision_transformer import VisionTransformer
-
     import torch
+    from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(seed)
     return torch_reference.randomize_constants(VisionTransformer(img_size=size, **{**MICRO, **kwargs}), seed)

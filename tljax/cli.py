@@ -9,7 +9,9 @@ from typing import Callable
 
 from absl import logging
 
-from tljax import checkpoint, data, pretrained, restore
+from tljax import data, pretrained
+from tljax.runs import restore
+from tljax.training import checkpoint
 
 # Errors about the user's input (config, data, weights, workdir, files); anything else is a bug and keeps its
 # traceback. Commands add their own (e.g. a diverged training run).

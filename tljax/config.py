@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from tljax import data, mixing, models, optim
+from tljax import data, models
 from tljax.models.head import ACTIVATIONS
 from tljax.pretrained import mappings
+from tljax.training import mixing, optim
 
 PARALLELISM = ("jit", "pmap")
 # The image size of the abstract initialisations that validation traces: the parameter paths do not depend on it, and

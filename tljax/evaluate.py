@@ -11,7 +11,7 @@ the run's test split the accuracy equals the test accuracy in its summary.json. 
 other data with the same classes: a tfds name or `folder:/path`, with `--split` one of its split strings (a folder
 of class folders without split folders has one split, `train`, holding every image).
 
-`--tta` (test-time augmentation, `tljax.tta`): "flip", "crops5" or "flip,crops5" score each example by the softmax
+`--tta` (test-time augmentation, `tljax.runs.tta`): "flip", "crops5" or "flip,crops5" score each example by the softmax
 averaged over its views (2, 5 or 10 per image: one forward pass of eval_batch_size x views images per batch); the
 files then go to DIR/eval/<split>_tta-<names> and metrics.json records the views. An unknown name stops the command
 before anything is loaded.
@@ -30,9 +30,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from tljax import cli, data, metrics, plots, restore, tta
+from tljax import cli, data
 from tljax.data import normalize
 from tljax.data.pipeline import SPLITS
+from tljax.reporting import plots
+from tljax.runs import restore, tta
+from tljax.training import metrics
 
 FLAGS = flags.FLAGS
 
@@ -122,7 +125,7 @@ def _labels_in_run_classes(labels: np.ndarray, names: tuple[str, ...], run: rest
 def evaluate(run: restore.TrainedRun, split: str = "test", source: str = "", most_wrong: int = MOST_WRONG,
              tta_spec: str = "") -> Evaluation:
     """Runs the model over every example of `split` once (of `source` if given, else of the run's data); with
-    `tta_spec` ("flip", "crops5", "flip,crops5"), on each example's test-time views (see `tljax.tta`)."""
+    `tta_spec` ("flip", "crops5", "flip,crops5"), on each example's test-time views (see `tljax.runs.tta`)."""
     names = tta.parse(tta_spec)
     cfg, role = _data_config(run, split, source)
     pipe = data.build(cfg, run.prep, seed=int(run.config.seed),

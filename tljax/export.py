@@ -17,9 +17,10 @@ import safetensors.numpy
 from absl import app, flags
 from flax import traverse_util
 
-from tljax import cli, restore
+from tljax import cli
 from tljax.data import pipeline
 from tljax.pretrained import exported
+from tljax.runs import restore
 
 FLAGS = flags.FLAGS
 

@@ -13,7 +13,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tljax import cli, parallel, preemption, train
+from tljax import cli
+from tljax.training import parallel, preemption, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, summary and plots.")

@@ -9,7 +9,7 @@ Images are decoded as training decodes them: grayscale is replicated to RGB and 
 says so for each such image. An image that cannot be decoded is named and skipped, the others are still predicted,
 and the command then exits with status 1.
 
-`--tta=flip` (or "crops5", "flip,crops5"; see `tljax.tta`) reports the softmax averaged over each image's test-time
+`--tta=flip` (or "crops5", "flip,crops5"; see `tljax.runs.tta`) reports the softmax averaged over each image's test-time
 views instead of the evaluation view's alone, as `tljax.evaluate --tta` scores them. An unknown name stops the
 command before anything is loaded.
 """
@@ -26,9 +26,10 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from tljax import cli, restore, tta
+from tljax import cli
 from tljax.data import transforms
 from tljax.data.sources import IMAGE_EXTENSIONS
+from tljax.runs import restore, tta
 
 FLAGS = flags.FLAGS
 

@@ -3,10 +3,10 @@ compare backbones before fine-tuning, by linear probes on their frozen features.
 
 Each backbone (a known weight name such as wheel/efficientnet_lite0, MODEL:FILE, or none:MODEL for random weights)
 computes its features of the train, val and test splits once; then, for each shot count and seed, a closed-form
-ridge probe (`tljax.fewshot`, big_vision's few-shot linear regression) is fitted on that many training examples per
-class, its L2 strength chosen on the validation split, and scored on the test split; a last probe uses every
-training example. Writes DIR/probe.json, probe.csv and probe.png (accuracy against shots) and prints a table. Every
-flag, the weight names and the shot counts against the data's smallest class are checked before any feature is
+ridge probe (`tljax.research.fewshot`, big_vision's few-shot linear regression) is fitted on that many training
+examples per class, its L2 strength chosen on the validation split, and scored on the test split; a last probe uses
+every training example. Writes DIR/probe.json, probe.csv and probe.png (accuracy against shots) and prints a table.
+Every flag, the weight names and the shot counts against the data's smallest class are checked before any feature is
 computed.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from tljax import cli, fewshot, probing
+from tljax import cli
+from tljax.research import fewshot, probing
 
 FLAGS = flags.FLAGS
 

@@ -20,7 +20,10 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from tljax import cli, evaluate, optim, pages, plots, restore
+from tljax import cli, evaluate
+from tljax.reporting import pages, plots
+from tljax.runs import restore
+from tljax.training import optim
 
 FLAGS = flags.FLAGS
 

@@ -2,12 +2,13 @@
 --sweep=configs/sweeps/quickstart.py`: every variant of a sweep as an ordinary run in `workdir/<name>/`, and a
 comparison of them all (`workdir/sweep.json`, `sweep.csv`, `sweep.html`).
 
-The variants come from a sweep file (`get_sweep()`, see `tljax.sweeps`) and from repeated `--grid
+The variants come from a sweep file (`get_sweep()`, see `tljax.research.sweeps`) and from repeated `--grid
 'field.path=v1,v2'` flags: the product of all of them (a field swept twice is refused). `--config.x=y` overrides
-apply to every variant. Phases that variants share are trained once (`tljax.sweep_runner`). Rerunning the command
-skips finished variants and resumes interrupted ones. `--variant_shard=i/n` runs variants i, i + n, ... of them, so
-that n jobs share a sweep; each job is one process, on its machine's devices. Exit status: 0 when every variant of this job finished, 1 when one failed (the others
-still ran; the comparison gives each one's error), 75 when SIGTERM stopped it after saving (rerun to resume).
+apply to every variant. Phases that variants share are trained once (`tljax.research.sweep_runner`). Rerunning the
+command skips finished variants and resumes interrupted ones. `--variant_shard=i/n` runs variants i, i + n, ... of
+them, so that n jobs share a sweep; each job is one process, on its machine's devices. Exit status: 0 when every
+variant of this job finished, 1 when one failed (the others still ran; the comparison gives each one's error), 75 when
+SIGTERM stopped it after saving (rerun to resume).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from tljax import cli, preemption, sweep_report, sweep_runner, sweeps
+from tljax import cli
+from tljax.research import sweep_report, sweep_runner, sweeps
+from tljax.training import preemption
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "The sweep's directory: one workdir per variant, the comparison.")

@@ -5,7 +5,7 @@
 Every variant shares phase 1 (the head on cached features), which trains once in runs/sweep/_shared/.
 """
 
-from tljax import sweeps
+from tljax.research import sweeps
 
 
 def get_sweep():

@@ -38,7 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
     # augment: RandAugment after crop and flip, a timm spec string ("rand-m9-n2-mstd0.5", see
     # tljax.data.randaugment); "" = off
     c.randaugment = ""
-    # Mixup / CutMix of each train batch with its reverse (tljax.mixing, timm's batch mode); alpha 0 = off.
+    # Mixup / CutMix of each train batch with its reverse (tljax.training.mixing, timm's batch mode); alpha 0 = off.
     c.mixup_alpha = 0.0  # lambda ~ Beta(alpha, alpha); images and one-hot labels blended
     c.cutmix_alpha = 0.0  # a box of area 1 - lambda pasted from the paired image; lambda = its area after clipping
     c.mix_prob = 1.0  # probability that a batch is mixed at all

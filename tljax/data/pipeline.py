@@ -41,7 +41,7 @@ from tljax.data.options import ConfigError, check_config, check_layout
 from tljax.data.sources import Records, SourceError
 
 SPLITS = ("train", "val", "test")
-Views = Callable[[tf.Tensor], tf.Tensor]  # a decoded image -> its test-time views [V, S, S, 3] (tljax.tta.views)
+Views = Callable[[tf.Tensor], tf.Tensor]  # a decoded image -> its test-time views [V, S, S, 3] (tljax.runs.tta.views)
 
 
 class CorruptImageError(SourceError):
@@ -216,7 +216,8 @@ class InputPipeline:
         """This process's part of every padded eval batch: {"image", "label", "mask" [L] f32 (0 = padding)}.
 
         views: a function from a decoded image to its V test-time views (float32 [V, S, S, 3] in 0..255, see
-        `tljax.tta.views`), which replace the eval transform: "image" is then [L, V, S, S, 3], each view normalised.
+        `tljax.runs.tta.views`), which replace the eval transform: "image" is then [L, V, S, S, 3], each view
+        normalised.
         """
         indices, mask = padded(self._split_size(split), self.eval_batch_size)
         return self._iterate(split, self.local(indices), self.local(mask), normalized=True, views=views)

@@ -17,7 +17,7 @@ import tensorflow as tf
 from clu import metric_writers
 from tensorboard.compat.proto import event_pb2
 
-from tljax import workdir as workdir_lib
+from tljax.training import workdir as workdir_lib
 
 
 def averages(sums: dict[str, float], prefix: str = "") -> dict[str, float]:

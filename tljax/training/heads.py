@@ -28,7 +28,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from tljax import checkpoint, models, optim, parallel, preemption, steps, train
+from tljax import models
+from tljax.training import checkpoint, optim, parallel, preemption, steps, train
 
 PyTree = Any
 _STRUCTURAL = ("weight_decay", "clip_grad_norm")  # at 0 their transformation is left out of the optimizer

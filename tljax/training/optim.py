@@ -218,8 +218,8 @@ def build(phase: ml_collections.ConfigDict, labels: PyTree, phase_steps: int, *,
     train, as `weight_decay` is.
     numbers: values, traced ones included, that replace the phase's numeric fields named by their paths in the
     phase ("optimizer.learning_rate", "schedule.alpha", "weight_decay", "clip_grad_norm") where they enter the
-    arithmetic, while the chain's structure follows the phase's own values: `tljax.heads` builds one optimizer per
-    head inside a vmapped step this way.
+    arithmetic, while the chain's structure follows the phase's own values: `tljax.training.heads` builds one optimizer
+    per head inside a vmapped step this way.
     """
     numbers = numbers or {}
     lr = learning_rate(phase, phase_steps, numbers)

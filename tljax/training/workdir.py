@@ -15,8 +15,8 @@ from typing import Any
 
 import ml_collections
 
-from tljax import restore
 from tljax.pretrained.prep import Preprocessing
+from tljax.runs import restore
 
 
 def temporary_path(path: str) -> str:

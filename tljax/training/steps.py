@@ -7,9 +7,9 @@ untouched (the same buffers' values), and so do BatchNorm statistics unless the 
 running statistics normalise, and stay untouched); only the layers that train use and update batch statistics.
 
 The training loss is the cross-entropy against the phase's targets: the labels, smoothed with `label_smoothing`
-(y * (1 - s) + s / K), or with `mixing` the soft targets of mixup/CutMix (`tljax.mixing.mix`, which smooths them
-too), drawn with a key of (seed, global step) only (`mixing.step_key`), the same on every device, so pmap, jit and a
-resume train on the very same mixed batches. Evaluation is plain cross-entropy against the labels.
+(y * (1 - s) + s / K), or with `mixing` the soft targets of mixup/CutMix (`tljax.training.mixing.mix`, which smooths
+them too), drawn with a key of (seed, global step) only (`mixing.step_key`), the same on every device, so pmap, jit and
+a resume train on the very same mixed batches. Evaluation is plain cross-entropy against the labels.
 
 With an `Ema`, the state also carries an exponential moving average of the weights the phase trains (and of the
 BatchNorm statistics that move): after every optimizer step, ema += (1 - decay_t) * (new - ema), inside the
@@ -34,8 +34,8 @@ import numpy as np
 import optax
 from flax import struct
 
-from tljax import mixing as mixing_lib
-from tljax import optim
+from tljax.training import mixing as mixing_lib
+from tljax.training import optim
 
 PyTree = Any
 
@@ -124,7 +124,7 @@ def _metric_sums(logits: jax.Array, labels: jax.Array, mask: jax.Array, losses: 
 def _train_losses(logits: jax.Array, labels: jax.Array, targets: jax.Array | None,
                   smoothing: float | jax.Array) -> jax.Array:
     """Per-example cross-entropy against `targets` (mixed soft targets), else against the labels smoothed by
-    `smoothing` (none at 0; a traced value, one per head in `tljax.heads`, always smooths)."""
+    `smoothing` (none at 0; a traced value, one per head in `tljax.training.heads`, always smooths)."""
     if targets is None and not isinstance(smoothing, jax.Array) and smoothing == 0:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     if targets is None:
@@ -185,8 +185,8 @@ def train_step(
     axis_name: the pmap axis to average gradients and statistics over (None under jit / one device).
     ema: the phase's moving average, updated after the optimizer step (None: `state.ema` stays as it is).
     label_smoothing: s in [0, 1): the loss's targets are the labels as y * (1 - s) + s / K.
-    mixing: mixup / CutMix settings that mix (`tljax.mixing.mix` mixes the image batch with the key of the seed and
-    the global step, and gives the soft targets, smoothed by label_smoothing); None: off.
+    mixing: mixup / CutMix settings that mix (`tljax.training.mixing.mix` mixes the image batch with the key of the
+    seed and the global step, and gives the soft targets, smoothed by label_smoothing); None: off.
     """
     images, targets = batch.get("image"), None
     if mixing is not None:

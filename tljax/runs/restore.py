@@ -19,9 +19,11 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from tljax import checkpoint, models, parallel, steps, tta
+from tljax import models
 from tljax.data import normalize, pipeline
 from tljax.pretrained.prep import Preprocessing
+from tljax.runs import tta
+from tljax.training import checkpoint, parallel, steps
 
 MODEL_FILE = "model.json"
 RUN_FILES = ("config.json", "prep.json", normalize.FILENAME, MODEL_FILE)
@@ -70,7 +72,7 @@ class TrainedRun:
         return self.views(image)[0]
 
     def views(self, image: tf.Tensor, names: Sequence[str] = ()) -> tf.Tensor:
-        """A decoded RGB image -> the model's inputs for the test-time augmentation `names` (`tljax.tta`; none: the
+        """A decoded RGB image -> the model's inputs for the test-time augmentation `names` (`tljax.runs.tta`; none: the
         evaluation view alone): [tta.count(names), S, S, 3], each normalised as the run's evaluation normalises."""
         crop_fraction, method = pipeline.eval_geometry(self.config.data, self.prep)
         views = tta.views(image, names, self.image_size, crop_fraction, method)

@@ -19,7 +19,10 @@ import os
 import socket
 from typing import Any, Callable, Sequence
 
-from tljax import checkpoint, pages, plots, sweep_runner, sweeps, workdir as workdir_lib
+from tljax.reporting import pages, plots
+from tljax.research import sweep_runner, sweeps
+from tljax.training import checkpoint
+from tljax.training import workdir as workdir_lib
 
 SELECTION = ("the best variant has the highest validation accuracy after its last phase (of equals, the lowest "
              "validation loss); the test split never picks the winner (its accuracy is reported only)")

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax import parallel
+from tljax.training import parallel
 
 EXIT_STATUS = os.EX_TEMPFAIL  # 75, "temporary failure, retry": the run saved and asks to be rerun
 TEST_SIGNAL_VARIABLE = "TLJAX_TEST_SIGTERM_AT_STEP"

@@ -1,7 +1,7 @@
 """Backbones compared before any fine-tuning: frozen features once per split, then few-shot and full-data probes.
 
     settings = probing.Settings(backbones=probing.parse_backbones("wheel/efficientnet_lite0,none:efficientnet_lite0"))
-    result = probing.run(settings)          # checks everything, then features and probes (`tljax.fewshot`)
+    result = probing.run(settings)          # checks everything, then features and probes (`tljax.research.fewshot`)
     probing.write(result, "runs/probe")     # probe.json, probe.csv, probe.png
 
 A backbone is named as `--weights` of `tljax.probe` takes it: a known weight name (`pretrained.hub.KNOWN`, whose
@@ -30,9 +30,12 @@ import jax
 import numpy as np
 from absl import logging
 
-from tljax import data, fewshot, models, parallel, plots, pretrained, steps, workdir
+from tljax import data, models, pretrained
 from tljax.data.pipeline import SPLITS
 from tljax.pretrained import hub
+from tljax.reporting import plots
+from tljax.research import fewshot
+from tljax.training import parallel, steps, workdir
 
 RANDOM = "none"  # `none:MODEL`: random weights
 FILES = ("probe.json", "probe.csv", "probe.png")

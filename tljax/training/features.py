@@ -16,8 +16,8 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
-from tljax import parallel, steps
 from tljax.data import pipeline
+from tljax.training import parallel, steps
 
 
 class FeatureCache:

@@ -33,7 +33,8 @@ from absl import flags
 from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
-from tljax import checkpoint, data
+from tljax import data
+from tljax.training import checkpoint
 
 # Short names of the fields swept most often, for variant names; any other field goes by its last component.
 _SHORT = {"learning_rate": "lr", "schedule": "sched", "optimizer": "opt", "weight_decay": "wd", "epochs": "ep",

@@ -7,9 +7,9 @@ ends with the same parameters and summary as an uninterrupted run: the data orde
 and the checkpoint stores the step within the phase, from which the epoch and the batch follow, and the metric sums
 of the epoch in progress. A phase's last step records the phase's result and saves, so a run stopped there resumes
 into the next phase with nothing lost. SIGTERM saves at a step all processes agree on and raises
-`preemption.Preempted` (see tljax.preemption). A resume refuses another run's checkpoints (`checkpoint.identity`)
-and a changed recipe unless `config.allow_recipe_change` (`checkpoint.recipe`; the change is then recorded in the
-checkpoint meta's `recipe_changes`, and the report shows it).
+`preemption.Preempted` (see tljax.training.preemption). A resume refuses another run's checkpoints
+(`checkpoint.identity`) and a changed recipe unless `config.allow_recipe_change` (`checkpoint.recipe`; the change is
+then recorded in the checkpoint meta's `recipe_changes`, and the report shows it).
 
 A phase with an EMA of the weights (`steps.Ema`) validates both the weights and their EMA after every epoch
 (val_* and val_ema_*); the test split is scored with the weights `steps.eval_weights` picks for the last phase, and
@@ -32,10 +32,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from tljax import checkpoint, config as config_lib, data, metrics, mixing, models, optim, parallel, plots, preemption
-from tljax import pretrained, steps, workdir as workdir_lib
-from tljax.features import FeatureCache
-
+from tljax import config as config_lib
+from tljax import data, models, pretrained
+from tljax.reporting import plots
+from tljax.training import checkpoint, metrics, mixing, optim, parallel, preemption, steps
+from tljax.training import workdir as workdir_lib
+from tljax.training.features import FeatureCache
 
 # What a phase's result (summary.json's "phases") keeps of its last validation; val_ema_* with an EMA.
 VAL_RESULTS = ("val_accuracy", "val_loss", "val_ema_accuracy", "val_ema_loss")
@@ -150,7 +152,7 @@ def _floats(sums: dict[str, Any] | None) -> dict[str, float]:
 
 
 def step_kwargs(run: Run, k: int, labels: Any, first_step: int, on_features: bool) -> dict[str, Any]:
-    """The keyword arguments of `steps.train_step` for phase k, all but its optimizer `tx` (which `tljax.heads`
+    """The keyword arguments of `steps.train_step` for phase k, all but its optimizer `tx` (which `tljax.training.heads`
     builds per head inside its vmapped step)."""
     cfg, phase = run.config, run.config.phases[k]
     mix = mixing.Settings.from_config(cfg.data)  # config.validate refuses it with cached features
@@ -169,7 +171,8 @@ def feature_cache(run: Run, state: Any) -> FeatureCache:
 class PhaseLog:
     """One run's account of phase k from its step `start`: the metric sums of the epoch and of the log window in
     progress, the progress line (shown if `show`), the train_step_* points, the validation after every epoch, the
-    phase's result and the checkpoints. `tljax.heads` keeps one per head of a phase that trains several at once."""
+    phase's result and the checkpoints. `tljax.training.heads` keeps one per head of a phase that trains several at
+    once."""
 
     def __init__(self, run: Run, k: int, meta: dict[str, Any], start: int, last_saved: int | None,
                  show: bool = True) -> None:
@@ -318,8 +321,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, phases: int | None = None)
     """Trains every phase of `cfg` in `workdir` (resuming if it holds checkpoints); returns the summary.
 
     phases: train only the first `phases` phases, up to the checkpoint their last step saves, and return None
-    (no test evaluation, summary or plots): the phases a sweep shares between its variants (`tljax.sweeps`), each
-    of which resumes a copy of that checkpoint with its own later phases (`checkpoint.Checkpointer.resume`).
+    (no test evaluation, summary or plots): the phases a sweep shares between its variants (`tljax.research.sweeps`),
+    each of which resumes a copy of that checkpoint with its own later phases (`checkpoint.Checkpointer.resume`).
 
     Raises preemption.Preempted after saving when SIGTERM arrives, and checkpoint.CheckpointMismatchError (or
     RecipeChangedError) for a workdir whose checkpoints another run or recipe wrote.
@@ -334,7 +337,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str, phases: int | None = None)
 
 def build(cfg: ml_collections.ConfigDict, workdir: str) -> tuple[parallel.Pmap | parallel.Jit, tuple]:
     """The parallelism and the built model and data (`opened`'s `par` and `built`) of a run of `cfg` in
-    `workdir`, for runs that share them (the heads of `tljax.heads`: one model, one data pipeline)."""
+    `workdir`, for runs that share them (the heads of `tljax.training.heads`: one model, one data pipeline)."""
     config_lib.validate(cfg)
     os.makedirs(workdir, exist_ok=True)
     return parallel.create(cfg.parallelism), _build_model(cfg, workdir)

@@ -99,7 +99,7 @@ def trained_fields(config: Any, phases: int | None = None) -> dict[str, Any]:
     of later phases, and whether the optimizer states carry L2-SP's anchor ("l2sp_anchor", set by any phase).
 
     Configs with equal `trained_fields(., k)` train phases 0..k-1 to the same state, bit for bit: a sweep trains
-    those phases once for all its variants that agree on them (`tljax.sweeps`)."""
+    those phases once for all its variants that agree on them (`tljax.research.sweeps`)."""
     flat = fields(config)
     kept = {k: v for k, v in flat.items()
             if k not in FREE_FIELDS and (phases is None or phase_of(k) is None or phase_of(k) < phases)}
@@ -243,8 +243,8 @@ class Checkpointer:
         config.allow_recipe_change (RecipeChangedError); an allowed change joins the meta's `recipe_changes`.
         Phases the checkpoint has not started yet (after `meta["phase"]`) trained nothing, so any of their fields,
         identity fields included, may differ: the run continues with this config's (what a sweep's variants do
-        from their shared phases, `tljax.sweeps`), unless the difference turns L2-SP on or off for the run, which
-        every phase's optimizer state reflects (`keeps_anchor`).
+        from their shared phases, `tljax.research.sweeps`), unless the difference turns L2-SP on or off for the run,
+        which every phase's optimizer state reflects (`keeps_anchor`).
         """
         current_identity, current_recipe = identity(config, params), recipe(config)
         latest = self.latest_meta()

@@ -36,8 +36,11 @@ from typing import Any, Sequence
 
 from absl import logging
 
-from tljax import checkpoint, cli, config as config_lib, data, heads, preemption, sweeps, train
-from tljax import workdir as workdir_lib
+from tljax import cli, data
+from tljax import config as config_lib
+from tljax.research import sweeps
+from tljax.training import checkpoint, heads, preemption, train
+from tljax.training import workdir as workdir_lib
 
 SHARED = "_shared"  # under the sweep's workdir: one directory per shared prefix
 RECORD = "variant.json"  # in each variant's workdir: name, overrides, status, error, training seconds, prefixes

@@ -1,0 +1,1 @@
+"""Figures (plots.py) and what the self-contained HTML pages share (pages.py)."""

@@ -1,0 +1,1 @@
+"""Comparing recipes and backbones: sweeps that share their phases, and the few-shot probe."""

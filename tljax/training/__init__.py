@@ -1,0 +1,1 @@
+"""Training: the phases of a run (train.py), its compiled steps, optimizers, data parallelism, checkpoints and logs."""
