@@ -1,4 +1,4 @@
-"""Data sources: image folders (both layouts, bad input), animal_mnist offline, tfds names (mocked, unprepared)."""
+"""Data sources: image folders (both layouts, bad input), animal_mnist offline, tfds names (prepared, unprepared)."""
 
 import gzip
 import logging
@@ -137,19 +137,6 @@ def test_restricted_unpickler_refuses_anything_but_numpy_arrays(tmp_path):
     with gzip.open(path, "wb") as f:
         pickle.dump(np.arange(5), f)
     assert sources._read_numpy_pickle(path).tolist() == [0, 1, 2, 3, 4]
-
-
-def test_tfds_name_with_mock_data(tmp_path):
-    cfg = data.default_config()
-    cfg.update(dict(source="tf_flowers", data_dir=str(tmp_path), image_size=32, batch_size=4,
-                    normalization="standardize_sample"))
-    with tfds.testing.mock_data(num_examples=10):
-        ds = data.build(cfg, None)
-    assert ds.class_names == ("dandelion", "daisy", "tulips", "sunflowers", "roses")
-    assert ds.sizes == {"train": 10, "val": 10, "test": 10}  # the mock ignores slicing
-    batch = next(ds.train(0))
-    assert batch["image"].shape == (4, 32, 32, 3) and batch["label"].dtype == np.int32
-    np.testing.assert_allclose(batch["image"].mean(axis=(1, 2, 3)), 0, atol=1e-4)
 
 
 def test_unprepared_tfds_name_fails_fast_without_downloading(tmp_path, monkeypatch):

@@ -63,12 +63,26 @@ def _keep_tf_off_accelerators() -> None:
                            "the input pipeline before TensorFlow first uses a GPU in this process") from e
 
 
+Reader = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+
+def _reader(records: Records) -> Reader:
+    """A graph function from an example's index to (its encoded image, or its pixels for "pixels" records; its
+    int32 label). tfds records are read from their shard, label included."""
+    data = tf.constant(records.data)
+    if records.kind == "tfds":
+        return lambda i: records.examples.read(data[i])
+    labels = tf.constant(records.labels)
+    if records.kind == "file":
+        return lambda i: (tf.io.read_file(data[i]), labels[i])
+    return lambda i: (data[i], labels[i])
+
+
 def _readable(records: Records) -> np.ndarray:
     """A bool per record: does it decode? One parallel pass, decode only."""
-    table = tf.constant(records.data)
-    read = tf.io.read_file if records.kind == "file" else tf.identity
+    read = _reader(records)
     ds = tf.data.Dataset.range(len(records)).map(
-        lambda i: (i, tf.shape(transforms.decode(read(table[i])))[0]), num_parallel_calls=tf.data.AUTOTUNE,
+        lambda i: (i, tf.shape(transforms.decode(read(i)[0]))[0]), num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=False).ignore_errors()
     ok = np.zeros(len(records), bool)
     for i, _ in ds.as_numpy_iterator():
@@ -89,10 +103,9 @@ def _without_undecodable(source: sources.Source) -> tuple[sources.Source, dict[s
     return dataclasses.replace(source, splits=splits), skipped
 
 
-def _decodes(records: Records, i: int) -> bool:
-    raw = tf.io.read_file(records.data[i]) if records.kind == "file" else tf.constant(records.data[i])
+def _decodes(read: Reader, i: int) -> bool:
     try:
-        transforms.decode(raw)
+        transforms.decode(read(tf.constant(i, tf.int64))[0])
     except tf.errors.InvalidArgumentError:
         return False
     return True
@@ -148,7 +161,7 @@ class InputPipeline:
         self._randaugment = randaugment.parse(cfg.randaugment) if cfg.randaugment else None
         self._process, self._processes = process_index, process_count
         self.records = source.splits
-        self._tables = {split: (tf.constant(r.data), tf.constant(r.labels)) for split, r in source.splits.items()}
+        self._readers = {split: _reader(r) for split, r in source.splits.items()}
         self._normalize = lambda x: x
         self._stream: _TrainStream | None = None
         self._options = tf.data.Options()
@@ -245,36 +258,36 @@ class InputPipeline:
         width = global_batches.shape[1] // self._processes
         return global_batches[:, self._process * width : (self._process + 1) * width]
 
-    def _image(self, split: str, index: tf.Tensor, epoch: tf.Tensor | None, views: Views | None) -> tf.Tensor:
-        """Read, decode and transform one example: float32 [S, S, 3] in 0..255 (with `views`: [V, S, S, 3]).
+    def _image(self, split: str, raw: tf.Tensor, index: tf.Tensor, epoch: tf.Tensor | None,
+               views: Views | None) -> tf.Tensor:
+        """Decode and transform example `index`, read as `raw` (encoded, or pixels): float32 [S, S, 3] in 0..255
+        (with `views`: [V, S, S, 3]).
 
         epoch: None for the eval transform, else the train epoch whose augmentation to draw."""
         cfg, kind = self._cfg, self.records[split].kind
-        raw = self._tables[split][0][index]
-        encoded = tf.io.read_file(raw) if kind == "file" else raw
         size, method = self.image_size, self.interpolation
-        decoded = lambda: transforms.to_rgb(raw) if kind == "pixels" else transforms.decode(encoded)  # noqa: E731
+        decoded = lambda: transforms.to_rgb(raw) if kind == "pixels" else transforms.decode(raw)  # noqa: E731
         if views is not None:
             return views(decoded())
         augment = epoch is not None and cfg.augment
         if not (augment and cfg.random_crop):
             image = (transforms.center_crop(decoded(), size, self.crop_fraction, method) if kind == "pixels" else
-                     transforms.decode_center_crop(encoded, size, self.crop_fraction, method, cfg.jpeg_dct_scaling))
+                     transforms.decode_center_crop(raw, size, self.crop_fraction, method, cfg.jpeg_dct_scaling))
             if not augment:
                 return image
         crop_seed, flip_seed, augment_seed = transforms.example_seeds(self._seed, epoch, index)
         if cfg.random_crop:
             crop = (tuple(cfg.crop_scale), tuple(cfg.crop_ratio), method)
             image = (transforms.random_resized_crop(decoded(), size, crop_seed, *crop) if kind == "pixels" else
-                     transforms.decode_random_resized_crop(encoded, size, crop_seed, *crop))
+                     transforms.decode_random_resized_crop(raw, size, crop_seed, *crop))
         if cfg.flip:
             image = transforms.random_flip(image, flip_seed)
         return randaugment.apply(image, self._randaugment, augment_seed) if self._randaugment else image
 
     def _example(self, split: str, normalized: bool, views: Views | None, item: dict) -> dict[str, tf.Tensor]:
-        image = self._image(split, item["index"], item.get("epoch"), views)
-        out = {"image": self._normalize(image) if normalized else image,
-               "label": self._tables[split][1][item["index"]]}
+        raw, label = self._readers[split](item["index"])
+        image = self._image(split, raw, item["index"], item.get("epoch"), views)
+        out = {"image": self._normalize(image) if normalized else image, "label": label}
         if "mask" in item:
             out["mask"] = item["mask"]
         return out
@@ -311,8 +324,8 @@ class InputPipeline:
 
     def _corrupt(self, split: str, indices: np.ndarray, error: Exception) -> CorruptImageError | None:
         """The error naming the undecodable images among `indices` (tf's own message names no file), if any."""
-        records = self.records[split]
-        bad = [records.names[i] for i in np.unique(indices) if not _decodes(records, int(i))]
+        records, read = self.records[split], self._readers[split]
+        bad = [records.names[i] for i in np.unique(indices) if not _decodes(read, int(i))]
         if not bad:
             return None
         return CorruptImageError(

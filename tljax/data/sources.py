@@ -1,8 +1,9 @@
 """Where images come from: tfds names, image folders and the offline `animal_mnist` set, as cheap records.
 
 Every source becomes a `Source`: class names plus, for each of the splits "train", "val" and "test", a `Records`
-table that says how to read example i (a file path, encoded image bytes, or raw pixels held in memory) and its
-label. Nothing is decoded here; the pipeline shuffles, shards and skips these records before any image is decoded.
+table that says how to read example i (a file path, a position in a prepared tfds split's shards, or raw pixels
+held in memory) and its label. Nothing is decoded here, and tfds splits are not read (see `tljax.data.records`):
+the pipeline shuffles, shards and skips these records before any image is read or decoded.
 
 Split strings: tfds names take any tfds split string (`train[:90%]`, `train+validation`). Folder and animal_mnist
 sources take `name` or `name[a%:b%]`, sliced per class (stratified) from a fixed per-class order, so carved splits
@@ -12,6 +13,7 @@ are deterministic, disjoint and balanced. An empty split string means "auto" (se
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import importlib.metadata
 import os
@@ -23,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from absl import logging
+
+from tljax.data.records import FORMATS, ShardedReader, TfdsExamples
 
 try:
     from numpy._core.multiarray import _reconstruct
@@ -49,21 +53,34 @@ class SourceError(ValueError):
 class Records:
     """One split as cheap records.
 
-    kind: "file" (data: paths), "bytes" (data: encoded images) or "pixels" (data: uint8 [N, H, W, C] in memory).
-    labels: int32 [N]. names: a name per example for error messages (file paths, tfds ids).
+    kind: "file" (data: paths), "pixels" (data: uint8 [N, H, W, C] in memory) or "tfds" (data: int64 positions
+    in `examples`, a prepared tfds split read from disk one example at a time).
+    labels: int32 [N]. names: a name per example for error messages (file paths, tfds ids). For "tfds" records
+    both are derived from `examples` when first asked for (labels read every record once; the pipeline itself
+    takes each label from the record it reads, so training never needs them up front).
     """
 
     kind: str
     data: np.ndarray
-    labels: np.ndarray
-    names: np.ndarray
+    given_labels: np.ndarray | None = None
+    given_names: np.ndarray | None = None
+    examples: TfdsExamples | None = None
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.data)
+
+    @functools.cached_property
+    def labels(self) -> np.ndarray:
+        return self.given_labels if self.given_labels is not None else self.examples.labels(self.data)
+
+    @functools.cached_property
+    def names(self) -> np.ndarray:
+        return self.given_names if self.given_names is not None else self.examples.names(self.data)
 
     def take(self, indices: np.ndarray) -> Records:
         """The records at `indices`, in that order."""
-        return Records(self.kind, self.data[indices], self.labels[indices], self.names[indices])
+        pick = lambda a: None if a is None else a[indices]  # noqa: E731
+        return Records(self.kind, self.data[indices], pick(self.given_labels), pick(self.given_names), self.examples)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,9 +292,12 @@ def _require_network(name: str, data_dir: str, host: str = "storage.googleapis.c
 
 def tfds_source(name: str, data_dir: str, download: bool, specs: dict[str, str], val_percent: int,
                 test_percent: int) -> Source:
-    """A tensorflow-datasets image-classification data set, read from `data_dir` into memory as encoded images.
+    """A prepared tensorflow-datasets image-classification data set, read from `data_dir` one example at a time.
 
-    Fails fast (before any download attempt) when the data set is not prepared and `download` is False.
+    Nothing is read here: each split becomes positions into its shards (`records.ShardedReader`), so the data set
+    may be larger than memory. A download prepares the data set as ArrayRecord; TFRecord shards (tfds's default)
+    are indexed on first read. Fails fast (before any download attempt) when the data set is not prepared and
+    `download` is False.
     """
     import tensorflow_datasets as tfds
 
@@ -288,27 +308,26 @@ def tfds_source(name: str, data_dir: str, download: bool, specs: dict[str, str],
                           f"'{FOLDER_PREFIX}/path/to/root'") from e
     if download and not builder.is_prepared():
         _require_network(name, str(builder.data_dir_root))
-        builder.download_and_prepare()
+        builder.download_and_prepare(file_format="array_record")
+    if not builder.is_prepared():
+        raise _not_prepared(name, str(builder.data_dir_root))
+    file_format = builder.info.file_format.value
+    if file_format not in FORMATS:
+        raise SourceError(f"{name} is prepared as {file_format} in {builder.data_dir}; tljax reads "
+                          f"{' or '.join(FORMATS)} (prepare it with `tfds build {name} --file_format=array_record`)")
     image_key, label_key = builder.info.supervised_keys or ("image", "label")
     specs = _with_auto(specs, set(builder.info.splits), val_percent, test_percent)
     splits = {}
     for split, spec in specs.items():
         try:
-            ds = builder.as_dataset(split=spec, decoders={image_key: tfds.decode.SkipDecoding()},
-                                    read_config=tfds.ReadConfig(add_tfds_id=True), shuffle_files=False)
-        except AssertionError as e:  # tfds's "could not find data in <data_dir>", raised before reading
-            raise _not_prepared(name, str(builder.data_dir_root)) from e
-        except ValueError as e:
+            instructions = builder.info.splits[spec].file_instructions
+        except (KeyError, ValueError) as e:
             raise SourceError(f"{name}: split {spec!r} ({split}) cannot be read: {e}") from e
-        data, labels, names = [], [], []
-        for batch in tfds.as_numpy(ds.batch(1024)):
-            data += list(batch[image_key])
-            labels += list(batch[label_key])
-            names += [i.decode() for i in batch["tfds_id"]]
-        if not data:
+        reader = ShardedReader(instructions, file_format)
+        if not len(reader):
             raise SourceError(f"{name}: split {spec!r} ({split}) is empty")
-        splits[split] = Records("bytes", np.asarray(data, dtype=object), np.asarray(labels, np.int32),
-                                np.asarray(names, dtype=object))
+        splits[split] = Records("tfds", np.arange(len(reader), dtype=np.int64),
+                                examples=TfdsExamples(reader, image_key, label_key))
     return Source(name, tuple(builder.info.features[label_key].names), splits, specs)
 
 
