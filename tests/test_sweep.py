@@ -214,7 +214,7 @@ def test_grids_sweep_files_and_names(base, tmp_path):
     assert rates == {"phases[1].optimizer.learning_rate": [1e-4, 3e-4, 1e-3]}  # parsed as --config.<path>= is
     assert sweeps.grid("model.head.hidden=(4, 8),(2,)", base) == {"model.head.hidden": [(4, 8), (2,)]}
     path = tmp_path / "sweep.py"
-    path.write_text("from tljax import sweeps\n\ndef get_sweep():\n    return sweeps.product("
+    path.write_text("from tljax.research import sweeps\n\ndef get_sweep():\n    return sweeps.product("
                     "{'phases[1].schedule.name': ('cosine_decay_schedule', 'constant')})\n")
     runs = sweeps.variants(base, sweeps.combine(sweeps.load(str(path)), sweeps.product(rates)))
     assert [v.name for v in runs][:4] == ["sched-cosine_decay_lr1e-4", "sched-cosine_decay_lr3e-4",

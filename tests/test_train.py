@@ -240,9 +240,11 @@ def test_two_processes_stopped_by_sigterm_to_one_resume_to_match_one_process(fol
     assert [p["val_accuracy"] for p in summary["phases"]] == [p["val_accuracy"] for p in reference[1]["phases"]]
     assert summary["test_loss"] == pytest.approx(reference[1]["test_loss"], abs=1e-5)
     # Each process selected (and so decoded) only its half of every global batch; side by side, all of it. The
-    # stop came at an epoch's end: the resumed run started the next epoch's iterator, one per epoch in all.
+    # stop came at an epoch's end, where the batches put on the devices one step ahead had already started epoch 2's
+    # iterator: the stopped run read epochs 1-2, the resumed run epochs 2-4.
     reads = [[json.loads(line) for line in (tmp_path / f"read{i}.jsonl").read_text().splitlines()] for i in (0, 1)]
-    assert len(reads[0]) == len(reads[1]) == 4
+    assert len(reads[0]) == len(reads[1]) == 5
+    assert reads[0][1]["global"] == reads[0][2]["global"]  # epoch 2, started again by the resumed run
     for a, b in zip(*reads):
         assert a["global"] == b["global"]
         np.testing.assert_array_equal(np.concatenate([a["local"], b["local"]], axis=1), a["global"])
