@@ -10,7 +10,7 @@ import pytest
 
 from tests.test_data_sources import write_folder, write_image
 from tljax import data
-from tljax.data import normalize
+from tljax.data import iterators, normalize
 from tljax.pretrained.prep import TORCHVISION
 
 SIZE = 8
@@ -229,3 +229,18 @@ def test_a_tensorflow_error_hiding_the_gpus_surfaces(folder, monkeypatch):
     monkeypatch.setattr(tf.config, "set_visible_devices", refuse)
     with pytest.raises(RuntimeError, match="cannot keep TensorFlow off the GPUs.*cannot be modified after"):
         data.build(config(folder[0], normalization="none"), TORCHVISION)
+
+
+def test_iterators_left_open_are_released_before_the_interpreter_exits(folder):
+    """The exit hook drops the tf.data iterators a run left half-read (the train stream runs on into the next
+    epoch): destroyed during finalization they would wait forever for threads that run Python."""
+    root, _ = folder
+    ds = data.build(config(root, normalization="none"), None)
+    train, val = ds.train(0), ds.eval("val")
+    next(train), next(val)
+    tf_iterators = [it for it in iterators._LIVE if it._iterator is not None]
+    assert len(tf_iterators) >= 2
+    iterators._release_all()
+    assert all(it._iterator is None for it in tf_iterators)
+    with pytest.raises(StopIteration):
+        next(ds._stream.batches)

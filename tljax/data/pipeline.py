@@ -37,6 +37,7 @@ import tensorflow as tf
 from absl import logging
 
 from tljax.data import normalize, randaugment, sources, transforms
+from tljax.data.iterators import Releasable
 from tljax.data.options import ConfigError, check_config, check_layout
 from tljax.data.sources import Records, SourceError
 
@@ -298,8 +299,8 @@ class InputPipeline:
         order, batched and prefetched: a numpy iterator."""
         ds = items.map(functools.partial(self._example, split, normalized, views),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(
-            self._options).as_numpy_iterator()
+        return Releasable(ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(
+            self._options).as_numpy_iterator())
 
     def _iterate(self, split: str, local: np.ndarray, mask: np.ndarray | None, *, normalized: bool,
                  views: Views | None = None) -> Iterator[dict[str, np.ndarray]]:
