@@ -1,6 +1,6 @@
 """Speed of the input pipeline and of the training loop's host side, apart from any model.
 
-    python scripts/pipeline_bench.py --folder /tmp/photos --json pipeline.json     # all modes
+    python scripts/pipeline_bench.py --folder photos --json pipeline.json     # all modes
     python scripts/pipeline_bench.py --mode pipeline --threads 1,2                 # one mode
     python scripts/benchmark.py --pipeline --mode boundary                         # the same, via benchmark.py
 
