@@ -66,3 +66,24 @@ def test_max_pool_matches_reduce_window_with_its_fast_gradient(size):
     np.testing.assert_array_equal(max_pool(x, padding), reference(x))
     grads = [jax.grad(lambda y, f=f: jnp.sum(jnp.sin(f(y))))(x) for f in (lambda y: max_pool(y, padding), reference)]
     np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window_as_pytorch_does():
+    """Windows full of ties (constant regions, repeated values, -inf padding at the border): each output's gradient
+    lands on one input, the first maximal one in row-major order, as torch's max_pool2d backward puts it."""
+    torch = pytest.importorskip("torch")
+    from tljax.models.layers import max_pool
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3, size=(2, 9, 10, 3)).astype(np.float32)  # three values: most windows hold ties
+    g = rng.normal(size=(2, 5, 5, 3)).astype(np.float32)
+    ours = jax.vjp(lambda y: max_pool(y, ((1, 1), (1, 1))), jnp.asarray(x))[1](jnp.asarray(g))[0]
+    xt = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    torch.nn.functional.max_pool2d(xt, 3, 2, 1).backward(torch.tensor(g.transpose(0, 3, 1, 2)))
+    np.testing.assert_allclose(np.asarray(ours), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-6, atol=1e-6)
+    # the windows do hold ties; XLA's select-and-scatter (reduce_window's gradient) also picks the first maximum
+    taps = [x[:, i::2, j::2][:, :4, :4] for i in range(3) for j in range(3)]  # 16 windows inside the input
+    top = np.max(taps, axis=0)
+    assert (np.sum([t == top for t in taps], axis=0) > 1).mean() > 0.5
+    np.testing.assert_allclose(ours, jax.grad(lambda y: jnp.sum(jax.lax.reduce_window(
+        y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))) * g))(x), atol=1e-6)

@@ -11,6 +11,7 @@ Padding follows the framework the weights come from:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -116,17 +117,51 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(at_least_f32(x), axis=(1, 2))
 
 
+def _pool_taps(xp: jax.Array, oh: int, ow: int):
+    """The nine strided slices of the padded input that a 3x3, stride-2 window reads, in row-major tap order."""
+    n, _, _, c = xp.shape
+    for i in range(3):
+        for j in range(3):
+            yield jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * (oh - 1) + 1, j + 2 * (ow - 1) + 1, c), (1, 2, 2, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def max_pool(x: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
     """3x3 max-pool with stride 2 (ResNet's stem), padding with -inf: the maximum of nine strided slices.
 
-    The same values as `reduce_window`, and a 4x faster gradient on CPU (XLA's select-and-scatter is slow).
+    The same values as `reduce_window`. The gradient goes to the first maximal tap of each window (PyTorch's rule;
+    JAX's own splits exact ties) through the tap's index, kept from the forward pass as int8: the backward pass
+    reads neither the input nor the activations before it, which XLA otherwise recomputes inside the gradient's
+    fusion (select-and-scatter, or the chain of maxima's selects, cost 8% of a ResNet-50 fine-tuning step on CPU).
     """
+    return _max_pool_forward(x, padding)[0]
+
+
+def _max_pool_forward(x, padding):
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
-    n, h, w, c = xp.shape
-    oh, ow = (h - 3) // 2 + 1, (w - 3) // 2 + 1
-    out = None
-    for i in range(3):
-        for j in range(3):
-            tap = jax.lax.slice(xp, (0, i, j, 0), (n, i + 2 * (oh - 1) + 1, j + 2 * (ow - 1) + 1, c), (1, 2, 2, 1))
-            out = tap if out is None else jnp.maximum(out, tap)
-    return out
+    oh, ow = (xp.shape[1] - 3) // 2 + 1, (xp.shape[2] - 3) // 2 + 1
+    out, index = None, None
+    for t, tap in enumerate(_pool_taps(xp, oh, ow)):
+        if out is None:
+            out, index = tap, jnp.zeros(tap.shape, jnp.int8)
+        else:
+            larger = tap > out
+            out, index = jnp.where(larger, tap, out), jnp.where(larger, jnp.int8(t), index)
+    return out, (index, x.shape[1:3])
+
+
+def _max_pool_backward(padding, residuals, g):
+    index, (h, w) = residuals
+    (top, bottom), (left, right) = padding
+    oh, ow = g.shape[1:3]
+    dxp = None
+    for t in range(9):  # tap (i, j) read padded rows i, i + 2, ...: put its share of g back there
+        i, j = divmod(t, 3)
+        config = [(0, 0, 0), (i, h + top + bottom - i - 2 * (oh - 1) - 1, 1),
+                  (j, w + left + right - j - 2 * (ow - 1) - 1, 1), (0, 0, 0)]
+        share = jax.lax.pad(jnp.where(index == t, g, 0), jnp.zeros((), g.dtype), config)
+        dxp = share if dxp is None else dxp + share
+    return (dxp[:, top:top + h, left:left + w, :],)
+
+
+max_pool.defvjp(_max_pool_forward, _max_pool_backward)
