@@ -62,6 +62,10 @@ def test_train_metrics_are_logged_every_log_every_steps(reference):
         for metric in ("loss", "accuracy"):
             pair = [windows[2 * k][f"train_step_{metric}"], windows[2 * k + 1][f"train_step_{metric}"]]
             assert np.mean(pair) == pytest.approx(epoch[f"train_{metric}"], rel=1e-6)
+    # Every epoch line carries the epoch's speed: images/s and the loop thread's CPU time per step.
+    raw = [json.loads(line) for line in (reference[0] / "metrics.jsonl").read_text().splitlines()]
+    speeds = [(line["train_images_per_s"], line["train_host_ms_per_step"]) for line in raw if "val_loss" in line]
+    assert len(speeds) == 4 and all(rate > 0 and host_ms > 0 for rate, host_ms in speeds)
 
 
 # The fine-tuning techniques, all on: EMA (with warm-up in phase 2), label smoothing, mixup and CutMix, layer decay,

@@ -96,7 +96,11 @@ def flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+TIMING = ("train_images_per_s", "train_host_ms_per_step")
+
+
 def metric_lines(workdir: Path) -> list[dict]:
-    """metrics.jsonl without the timing figure (train_images_per_s), which no two runs share."""
+    """metrics.jsonl without the timing figures (train_images_per_s, train_host_ms_per_step), which no two runs
+    share."""
     lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in line.items() if k != "train_images_per_s"} for line in lines]
+    return [{k: v for k, v in line.items() if k not in TIMING} for line in lines]

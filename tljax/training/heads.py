@@ -21,7 +21,6 @@ import contextlib
 import functools
 import hashlib
 import json
-import time
 from typing import Any, Sequence
 
 import jax
@@ -135,12 +134,11 @@ def train_group(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
             runs.append(run), metas.append(meta), chosen.append(i)
             carries.append(train.Carry.initial(run, variables) if state is None else train.Carry.after(run, state))
         if runs:
-            _train(runs, k, metas, carries, notice)
+            _train(runs, k, metas, carries)
     return chosen
 
 
-def _train(runs: list[train.Run], k: int, metas: list[dict], carries: list[train.Carry],
-           notice: preemption.Preemption) -> None:
+def _train(runs: list[train.Run], k: int, metas: list[dict], carries: list[train.Carry]) -> None:
     """The loop of `train_group` over phase k's steps, for runs at its start (`carries`: what each starts from)."""
     first, par = runs[0], runs[0].par
     phase = first.config.phases[k]
@@ -171,29 +169,9 @@ def _train(runs: list[train.Run], k: int, metas: list[dict], carries: list[train
         del hosts, starts, device_state, stacked
         lead = 1 if isinstance(par, parallel.Pmap) else 0
         batches = parallel.prefetch(par, train._phase_batches(cache, spe, offset, 0, total))
-        pending, clock = None, [time.perf_counter(), 0]
-        for s in range(total):
-            step = first_step + s + 1
-            if s % spe == 0:
-                clock = [time.perf_counter(), 0]
-            state, sums = train_fn(state, next(batches), values)
-            stop = notice.poll(step)
-            if s == 0:  # compiles: kept out of the images/s figure
-                jax.block_until_ready(sums)
-                clock = [time.perf_counter(), 0]
-            else:
-                clock[1] += first.data.batch_size
-            due = any(log.due(s, step, stop) for log in log_list)
-            for done in ([pending] if pending is not None else []) + ([(sums, s + 1)] if due else []):
-                host_sums = par.get_metrics(done[0])
-                for i, log in enumerate(log_list):
-                    log.collect({m: v[i] for m, v in host_sums.items()}, done[1])
-            pending = None if due else (sums, s + 1)
-            if due:
-                rate = clock[1] / (time.perf_counter() - clock[0]) if clock[1] else None
-                for i, log in enumerate(log_list):
-                    log.record(s, step, stop, functools.partial(head, state, state_axes, i, lead), cache, rate)
-            if stop:
-                raise preemption.Preempted(step)
+        train.step_loop(first, log_list, lambda state, batch: train_fn(state, batch, values), state, batches, 0,
+                        first_step, cache, split=lambda sums: [{m: v[i] for m, v in sums.items()} for i in
+                                                               range(len(runs))],
+                        view=lambda state, i: head(state, state_axes, i, lead))
     finally:
         cache.close()

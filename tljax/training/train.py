@@ -18,6 +18,7 @@ summary.json's "weights" names them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -201,7 +202,7 @@ class PhaseLog:
                 or (s + 1) % self.run.config.checkpoint_every_steps == 0 or stop)
 
     def record(self, s: int, step: int, stop: bool, state: Callable[[], Any], cache: FeatureCache | None,
-               images_per_s: float | None) -> None:
+               speed: dict[str, float]) -> None:
         """After step s of the phase (global step `step`): the train_step_* point, the epoch's validation, the
         phase's result and the checkpoint that are due; `state()` gives the run's state on the devices."""
         run, meta, k, total = self.run, self.meta, self.k, self.total
@@ -209,7 +210,7 @@ class PhaseLog:
             run.writer.write(step, metrics.averages(self.window_sums, "train_step_"), top5=run.data.num_classes >= 5)
             self.window_sums = None
         if s % self.spe == self.spe - 1 or s + 1 == total:
-            _end_epoch(run, k, state(), self.epoch_sums, s + 1, meta, cache, images_per_s)
+            _end_epoch(run, k, state(), self.epoch_sums, s + 1, meta, cache, speed)
             self.epoch_sums = None
         if s + 1 == total:  # the phase ended with an epoch's validation
             val = meta["history"][-1]
@@ -236,37 +237,82 @@ def _train_phase(run: Run, k: int, state: Any, labels: Any, tx: Any, start: int,
     # config.validate made sure that a cache_features phase trains no backbone parameter
     cache = feature_cache(run, state) if phase.cache_features else None
     fn = functools.partial(steps.train_step, tx=tx, **step_kwargs(run, k, labels, first_step, cache is not None))
-    train_fn = par.compile(fn, donate=True)
     log = PhaseLog(run, k, meta, start, last_saved)
     batches = parallel.prefetch(par, _phase_batches(cache or ds, log.spe, log.offset, start, log.total))
-    pending = None
-    clock = [time.perf_counter(), 0]  # start of the timed stretch of this epoch, images trained since
     try:
-        for s in range(start, log.total):
-            step = first_step + s + 1  # the global step this iteration completes
-            if s % log.spe == 0 or s == start:
-                clock = [time.perf_counter(), 0]
-            state, sums = train_fn(state, next(batches))
-            stop = run.preemption.poll(step)
-            if s == start:  # the phase's first step compiles: keep it out of the images/s figure
-                jax.block_until_ready(sums)
-                clock = [time.perf_counter(), 0]
-            else:
-                clock[1] += ds.batch_size
-            if pending is not None:  # the previous step's: fetching it does not wait for this step
-                log.collect(par.get_metrics(pending[0]), pending[1])
-            pending = (sums, s + 1)
-            if log.due(s, step, stop):
-                log.collect(par.get_metrics(pending[0]), pending[1])
-                pending = None
-                rate = clock[1] / (time.perf_counter() - clock[0]) if clock[1] else None
-                log.record(s, step, stop, lambda: state, cache, rate)
-            if stop:
-                logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", step)
-                raise preemption.Preempted(step)
+        return step_loop(run, [log], par.compile(fn, donate=True), state, batches, start, first_step, cache)
     finally:
         if cache is not None:
             cache.close()
+
+
+# How many dispatched steps' metrics may wait to be fetched: the host runs this far ahead of the devices.
+METRICS_LAG = 2
+
+
+def _ready(tree: Any) -> bool:
+    return all(x.is_ready() for x in jax.tree.leaves(tree))
+
+
+class Clock:
+    """The timed stretch of an epoch's training steps: its wall time and the CPU time of the loop's own thread."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.wall, self.cpu, self.steps = time.perf_counter(), time.thread_time(), 0
+
+    def speed(self, batch_size: int) -> dict[str, float]:
+        """{} before any timed step; else train_images_per_s (global images per second) and
+        train_host_ms_per_step: the loop thread's CPU time per step (batches placed, steps dispatched, metrics
+        fetched and logged; not its waits), the host time that would hold back an accelerator."""
+        if not self.steps:
+            return {}
+        return {"train_images_per_s": self.steps * batch_size / (time.perf_counter() - self.wall),
+                "train_host_ms_per_step": 1e3 * (time.thread_time() - self.cpu) / self.steps}
+
+
+def step_loop(run: Run, logs: list[PhaseLog], train_fn: Callable, state: Any, batches: Iterator[Any], start: int,
+              first_step: int, cache: FeatureCache | None,
+              split: Callable[[dict[str, Any]], list[dict[str, Any]]] = lambda sums: [sums],
+              view: Callable[[Any, int], Any] = lambda state, i: state) -> Any:
+    """Steps start..total-1 of a phase (`logs[0]` gives total and the epoch length): `train_fn(state, batch)` on
+    each of `batches`; returns the final state.
+
+    Several logs (one per head of `tljax.training.heads`) take their part of each step's metric sums from `split`
+    and of the state from `view(state, i)`. A step's metrics are fetched once the devices have them, never more
+    than METRICS_LAG steps behind, and all before a log point, an epoch's validation or a checkpoint needs them,
+    so the host never waits for a step it does not need. A non-finite loss raises TrainingDivergedError there,
+    before anything is saved.
+    """
+    first = logs[0]
+    pending: collections.deque = collections.deque()  # (metric sums on the devices, phase steps done)
+    clock = Clock()
+    for s in range(start, first.total):
+        step = first_step + s + 1  # the global step this iteration completes
+        if s % first.spe == 0 or s == start:
+            clock.restart()
+        state, sums = train_fn(state, next(batches))
+        stop = run.preemption.poll(step)
+        if s == start:  # the phase's first step compiles: keep it out of the images/s figure
+            jax.block_until_ready(sums)
+            clock.restart()
+        else:
+            clock.steps += 1
+        pending.append((sums, s + 1))
+        due = any(log.due(s, step, stop) for log in logs)
+        while pending and (due or len(pending) > METRICS_LAG or _ready(pending[0][0])):
+            sums_, done = pending.popleft()
+            for log, part in zip(logs, split(run.par.get_metrics(sums_))):
+                log.collect(part, done)
+        if due:
+            speed = clock.speed(run.data.batch_size)
+            for i, log in enumerate(logs):
+                log.record(s, step, stop, functools.partial(view, state, i), cache, speed)
+        if stop:
+            logging.warning("SIGTERM: saved checkpoint at step %d; rerun the same command to resume", step)
+            raise preemption.Preempted(step)
     return state
 
 
@@ -283,12 +329,12 @@ def _phase_batches(source: data.InputPipeline | FeatureCache, spe: int, offset: 
 
 
 def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, meta: dict[str, Any],
-               cache: FeatureCache | None, images_per_s: float | None) -> None:
+               cache: FeatureCache | None, speed: dict[str, float]) -> None:
     """Validation after an epoch (of the raw weights, and of the EMA as val_ema_* when the phase keeps one);
     appends to the history kept in the checkpoint meta.
 
-    images_per_s: the epoch's training throughput (global images per second, the phase's compilation excluded;
-    None when the epoch had no step besides the compiling one).
+    speed: the epoch's `Clock.speed` (the phase's compilation excluded; {} when the epoch had no step besides the
+    compiling one).
     """
     entry = {"phase": k, "phase_step": phase_step,
              **{f"train_{m}": v for m, v in metrics.averages(epoch_sums).items()}}
@@ -296,8 +342,7 @@ def _end_epoch(run: Run, k: int, state: Any, epoch_sums: dict, phase_step: int, 
         if weights == "raw" or run.config.phases[k].ema_decay > 0:
             val, _ = evaluate(run, steps.variables_of(state, weights), "val", cache=cache)
             entry.update({f"{prefix}{m}": v for m, v in val.items()})
-    if images_per_s is not None:
-        entry["train_images_per_s"] = images_per_s
+    entry.update(speed)
     meta["history"].append(entry)
     step = int(np.asarray(jax.device_get(run.par.get_state(state).step)))
     run.writer.write(step, {key: v for key, v in entry.items() if key not in ("phase", "phase_step")},
