@@ -10,7 +10,8 @@ mixup), whose cost phase2_techniques_vs_phase2 gives (the median of the rounds' 
 FLOP counts; with `--compare keras`, the same phases in Keras (`base.trainable = False` / `True`, `train_on_batch`,
 `predict_on_batch`); with `--compare torch`, in PyTorch, eager ("torch") and under torch.compile ("torch_compile"),
 on torchvision's model (`scripts/torch_bench.py`; `--compare keras,torch` for both). Rounds interleave every
-measurement, in turn forwards and backwards (A B, B A, ...), the first call of each (compilation) is timed
+measurement of a model, in turn forwards and backwards (A B, B A, ...; the pipeline is timed after them, as its
+threads keep working after its timed batches), the first call of each (compilation) is timed
 separately and excluded, and each figure is the median of the rounds with its min-max. The eval and phase-2 rates
 are also given as a share of this machine's best matmul rate (measured at the end), using XLA's own FLOP count of
 each compiled step. Numbers depend on what else the machine is doing: compare ratios from one run, not figures
@@ -71,10 +72,10 @@ def _random_variables(model: Any, size: int) -> dict:
     return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool = False
-                ) -> dict[str, tuple[Callable, Any]]:
+def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool = False,
+                xla_options: dict[str, str] | None = None) -> dict[str, tuple[Callable, Any]]:
     """Each phase as (step function, initial carry); calling step(carry) returns the next carry. With `techniques`,
-    also "phase2_techniques": phase 2 with `TECHNIQUES` and mixup on."""
+    also "phase2_techniques": phase 2 with `TECHNIQUES` and mixup on; every step compiled with `xla_options`."""
     model = models.create(name, CLASSES, dtype=dtype)
     variables = jax.device_put(_random_variables(model, size))
     rng = np.random.default_rng(1)
@@ -85,21 +86,23 @@ def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool =
                "features": {"features": np.repeat(np.asarray(features), batch, 0), "label": labels}}
     micro = parallel.micro_batches(batch)
     out = {}
-    evaluate = jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=micro))
+    evaluate = jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=micro),
+                       compiler_options=xla_options)
     eval_batch = {"image": images, "label": labels, "mask": np.ones(batch, np.float32)}
     out["eval"] = (lambda carry: evaluate(variables, eval_batch), None)
     phases = [("phase1", "^head/", False, False), ("phase1_cached", "^head/", True, False),
               ("phase2", ".", False, False)] + ([("phase2_techniques", ".", False, True)] if techniques else [])
     for phase, trainable, on_features, with_techniques in phases:
         fn, state = _phase_step(model, variables, trainable, techniques=with_techniques, on_features=on_features,
-                                micro_batches=micro, donate=True)
+                                micro_batches=micro, donate=True, xla_options=xla_options)
         batch_ = batches["features" if on_features else "image"]
         out[phase] = (lambda carry, fn=fn, b=batch_: fn(carry, b)[0], state)
     return out
 
 
 def _phase_step(model: Any, variables: dict, trainable: str, techniques: bool = False, on_features: bool = False,
-                micro_batches: int = 1, donate: bool = False) -> tuple[Callable, steps.TrainState]:
+                micro_batches: int = 1, donate: bool = False, xla_options: dict[str, str] | None = None
+                ) -> tuple[Callable, steps.TrainState]:
     """(the jitted train step of a phase that trains `trainable`, its initial state); with `techniques`,
     `TECHNIQUES` and mixup on."""
     cfg = config_lib.phase(trainable=trainable, **(TECHNIQUES if techniques else {}))
@@ -109,7 +112,7 @@ def _phase_step(model: Any, variables: dict, trainable: str, techniques: bool = 
                                    on_features=on_features, micro_batches=micro_batches,
                                    ema=steps.phase_ema(cfg, 0), label_smoothing=cfg.label_smoothing,
                                    mixing=mixing.Settings(mixup_alpha=MIXUP_ALPHA) if techniques else None),
-                 donate_argnums=(0,) if donate else ())
+                 donate_argnums=(0,) if donate else (), compiler_options=xla_options)
     state = steps.create_state(jax.tree.map(np.copy, variables), tx, jax.random.PRNGKey(0), ema=cfg.ema_decay > 0)
     return fn, state
 
@@ -244,6 +247,14 @@ def _comparisons(text: str) -> tuple[str, ...]:
     return names
 
 
+def _xla_option(text: str) -> tuple[str, str]:
+    """--xla-option's KEY=VALUE."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (an XLA debug option), got {text!r}")
+    return key, value
+
+
 def main() -> None:
     if "--pipeline" in sys.argv[1:]:  # input pipeline and host-side speed: scripts/pipeline_bench.py's modes
         import pipeline_bench
@@ -259,6 +270,10 @@ def main() -> None:
                         help="comma list of systems to time beside tljax: keras, torch (eager and torch.compile)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per measurement (x20 for the fast phases)")
+    parser.add_argument("--xla-option", type=_xla_option, action="append", default=[],
+                        help="KEY=VALUE, repeatable: also time tljax compiled with these XLA options (system "
+                             "tljax_xla, ratios *_xla_vs_tljax), e.g. xla_cpu_scheduler_type="
+                             "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--techniques", action="store_true",
                         help=f"also time phase 2 with {TECHNIQUES} and mixup alpha {MIXUP_ALPHA}")
@@ -271,9 +286,11 @@ def main() -> None:
                      f"{', '.join(torch_bench.ARCHITECTURES)}")
 
     systems = {"tljax": tljax_steps(args.model, args.image_size, args.batch_size, args.dtype, args.techniques)}
+    if args.xla_option:
+        systems["tljax_xla"] = tljax_steps(args.model, args.image_size, args.batch_size, args.dtype, args.techniques,
+                                           dict(args.xla_option))
     folder = tempfile.mkdtemp(prefix="tljax-bench-")
     write_jpegs(folder)
-    systems["tljax"]["pipeline"] = pipeline_step(args.image_size, args.batch_size, folder)
     if "keras" in args.compare:
         systems["keras"] = keras_steps(args.model, args.image_size, args.batch_size)
     if "torch" in args.compare:
@@ -281,6 +298,11 @@ def main() -> None:
             systems[system] = torch_bench.steps(args.model, args.image_size, args.batch_size, CLASSES,
                                                 compiled=system == "torch_compile")
     results = measure(systems, args.batch_size, args.rounds, args.steps)
+    # The pipeline's threads keep decoding after its timed batches (prefetch, autotuning) and slowed whatever was
+    # timed next by up to 20%: it gets rounds of its own, after the models'.
+    pipeline = measure({"tljax": {"pipeline": pipeline_step(args.image_size, args.batch_size, folder)}},
+                       args.batch_size, args.rounds, args.steps)
+    results["tljax"].update(pipeline["tljax"])
 
     flops = _flops_per_image(args.model, args.image_size, args.batch_size, args.dtype, args.techniques)
     limit = matmul_limit_gflops(args.dtype)
@@ -291,6 +313,10 @@ def main() -> None:
         rounds = zip(results["tljax"]["phase2_techniques"]["rounds"], results["tljax"]["phase2"]["rounds"])
         ratios["phase2_techniques_vs_phase2"] = statistics.median(a / b for a, b in rounds)
         ratios["phase2_techniques_flops_vs_phase2"] = flops["phase2_techniques"] / flops["phase2"]
+    if "tljax_xla" in results:  # the same phases timed one after the other in each round: medians of the ratios
+        for phase, v in results["tljax_xla"].items():
+            rounds = zip(v["rounds"], results["tljax"][phase]["rounds"])
+            ratios[f"{phase}_xla_vs_tljax"] = statistics.median(a / b for a, b in rounds)
     for other in ("keras", *torch_bench.SYSTEMS):
         if other in results:
             theirs = {p: v["images_per_s"] for p, v in results[other].items()}

@@ -18,9 +18,9 @@ Modes:
             pixel differences (0..255) and the top-1 agreement of a pretrained ImageNet model (EfficientNet-Lite0
             from its wheel) over the photos and any images in `--extra` folders.
   host      the training loop (`tljax.training.train.run`) with a model that costs almost nothing (resnet_tiny at 32 px
-  on
-            in-memory pixels): steps/s, and host milliseconds per step (the loop's time per step minus the time
-            of the same compiled step called back to back on batches already on the device).
+            on in-memory pixels): steps/s; the loop's cost per step (its time per step minus the time of the same
+            compiled step called back to back on batches already on the device); and the loop thread's CPU time
+            per step, the host time that would hold back an accelerator.
 
 The photos (`write_photos`) are generated once per folder: 500x375 to 1024x768 pixels (either orientation), smooth
 colour fields with detail at several scales, edges and sensor noise, JPEG quality 90: about 1.5 bits per pixel,
@@ -198,19 +198,22 @@ def host_config(steps: int, batch: int) -> Any:
 
 
 def measure_host(batch: int, rounds: int) -> dict[str, Any]:
-    """The training loop's steps/s against the same compiled step called back to back on device-resident batches;
-    the difference per step is the loop's host time (data included, as the loop waits for it)."""
+    """The training loop's steps/s against the same compiled step called back to back on device-resident batches:
+    the difference per step is the loop's cost on this machine (data included, as the loop waits for it, and the
+    input pipeline's threads share the cores with the step); and the loop thread's own CPU time per step
+    (`train_host_ms_per_step` of the run's history), the host time that would hold back an accelerator."""
     import jax
 
     from tljax.training import optim, parallel, steps, train
 
     cfg = host_config(250, batch)  # animal_mnist: 8,000 train images = 250 steps of 32, one epoch
-    loop, bare = [], []
+    loop, bare, host_cpu = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             train.run(cfg, os.path.join(tmp, f"run{r}"))
             history = train_history(os.path.join(tmp, f"run{r}"))
             loop.append(history[0]["train_images_per_s"] / batch)
+            host_cpu.append(history[0]["train_host_ms_per_step"])
     # The same step, compiled the same way, on one batch already on the device.
     from tljax import models
 
@@ -237,9 +240,10 @@ def measure_host(batch: int, rounds: int) -> dict[str, Any]:
     loop_rate, bare_rate = statistics.median(loop), statistics.median(bare)
     host_ms = 1e3 * (1 / loop_rate - 1 / bare_rate)
     print(f"  host: loop {loop_rate:.1f} steps/s {loop}, compiled step alone {bare_rate:.1f} steps/s {bare}; "
-          f"host time {host_ms:.2f} ms/step", file=sys.stderr)
+          f"loop cost {host_ms:.2f} ms/step; loop thread CPU {statistics.median(host_cpu):.2f} ms/step {host_cpu}",
+          file=sys.stderr)
     return {"batch": batch, "loop_steps_per_s": _spread(loop), "step_alone_steps_per_s": _spread(bare),
-            "host_ms_per_step": host_ms}
+            "loop_cost_ms_per_step": host_ms, "host_cpu_ms_per_step": _spread(host_cpu)}
 
 
 def train_history(workdir: str) -> list[dict]:
