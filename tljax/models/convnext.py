@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models.layers import Conv, drop_path, global_avg_pool, layer_norm
+from tljax.models.layers import Conv, Dense, drop_path, global_avg_pool, layer_norm
 
 EPS = 1e-6
 LAYER_SCALE_INIT = 1e-6
@@ -39,8 +39,8 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         c = x.shape[-1]
         y = Conv(c, 7, padding=3, groups=c, use_bias=True, dtype=self.dtype, name="dw_conv")(x)
-        y = nn.Dense(4 * c, dtype=self.dtype, name="fc1")(layer_norm(EPS, "norm")(y))
-        y = nn.Dense(c, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
+        y = Dense(4 * c, dtype=self.dtype, name="fc1")(layer_norm(EPS, "norm")(y))
+        y = Dense(c, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
         y = y * self.param("gamma", nn.initializers.constant(LAYER_SCALE_INIT), (c,), jnp.float32)
         return x + drop_path(self, y, self.drop_rate, train)
 

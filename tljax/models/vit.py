@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models.layers import Conv, at_least_f32, drop_path, layer_norm
+from tljax.models.layers import Conv, Dense, at_least_f32, drop_path, layer_norm
 
 EPS = 1e-6  # LayerNorm epsilon of timm's, torchvision's and Google's ViTs
 LAYER_SCALE_INIT = 1e-5  # DINOv2's
@@ -76,8 +76,8 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"{self.name}: width {width} is not divisible by {self.num_heads} heads")
         heads = (b, t, self.num_heads, width // self.num_heads)
-        q, k, v = (nn.Dense(width, dtype=self.dtype, name=name)(x).reshape(heads) for name in ("query", "key", "value"))
-        return nn.Dense(width, dtype=self.dtype, name="out")(attention(q, k, v).reshape(b, t, width))
+        q, k, v = (Dense(width, dtype=self.dtype, name=name)(x).reshape(heads) for name in ("query", "key", "value"))
+        return Dense(width, dtype=self.dtype, name="out")(attention(q, k, v).reshape(b, t, width))
 
 
 class Block(nn.Module):
@@ -100,8 +100,8 @@ class Block(nn.Module):
             return drop_path(self, y, self.drop_rate, train)
 
         x = x + branch(Attention(self.num_heads, self.dtype, name="attn")(layer_norm(EPS, "norm1")(x)), "ls1")
-        y = nn.Dense(int(width * self.mlp_ratio), dtype=self.dtype, name="fc1")(layer_norm(EPS, "norm2")(x))
-        y = nn.Dense(width, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
+        y = Dense(int(width * self.mlp_ratio), dtype=self.dtype, name="fc1")(layer_norm(EPS, "norm2")(x))
+        y = Dense(width, dtype=self.dtype, name="fc2")(nn.gelu(y, approximate=False))
         return x + branch(y, "ls2")
 
 
