@@ -1,11 +1,13 @@
-"""The fast convolution forms give XLA's numbers: values and gradients, every padding convention and stride."""
+"""The fast convolution forms give XLA's numbers: values and gradients, every padding convention and stride; the
+flattened products of `Dense` give flax's."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 
-from tljax.models import conv
+from tljax.models import conv, layers
 
 CASES = [  # (size, channels in, kernel, stride, padding, groups == channels: depthwise)
     (8, 6, 1, 1, 0, False), (9, 6, 1, 2, 0, False), (8, 6, 1, 2, "SAME", False),
@@ -45,6 +47,24 @@ def test_depthwise_in_bfloat16_accumulates_in_float32(monkeypatch):
     reference = conv.conv2d(x.astype(jnp.float32), w.astype(jnp.float32), 1, 2, 8)
     assert fast.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(fast, np.float32), reference, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 9, 7), (4, 7)])
+def test_dense_is_flax_dense_with_the_same_parameters_values_and_gradients(shape):
+    rng = np.random.default_rng(len(shape))
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    variables = nn.Dense(11).init(jax.random.key(0), x)
+    variables = jax.tree.map(lambda v: jnp.asarray(rng.normal(size=v.shape), jnp.float32), variables)
+
+    def loss(module):
+        return lambda v, x: jnp.sum(jnp.sin(module.apply(v, x)))
+
+    ours, theirs = layers.Dense(11), nn.Dense(11)
+    assert jax.tree.structure(ours.init(jax.random.key(0), x)) == jax.tree.structure(variables)
+    np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(variables, x), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(ours), argnums=(0, 1))(variables, x)),
+                    jax.tree.leaves(jax.grad(loss(theirs), argnums=(0, 1))(variables, x))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_mode_is_refused(monkeypatch):
