@@ -79,8 +79,8 @@ def test_consecutive_epochs_share_one_iterator_with_the_same_batches(tmp_path, m
     fresh = {e: list(data.build(cfg, None, seed=1).train(e)) for e in range(3)}
     ds = data.build(cfg, None, seed=1)
     started = []
-    make = pipeline.InputPipeline._train_batches
-    monkeypatch.setattr(pipeline.InputPipeline, "_train_batches",
+    make = pipeline.InputPipeline._train_stream
+    monkeypatch.setattr(pipeline.InputPipeline, "_train_stream",
                         lambda self, epoch, step: started.append((epoch, step)) or make(self, epoch, step))
 
     def take(it, n=None):

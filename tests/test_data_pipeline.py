@@ -1,12 +1,15 @@
 """The input pipeline end to end on tiny image folders: normalization, saved statistics, padded eval, corrupt files,
 determinism, resume and per-process sharding."""
 
+import gc
 import logging
 import os
 import struct
+import weakref
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from tests.test_data_sources import write_folder, write_image
 from tljax import data
@@ -220,8 +223,6 @@ def test_impossible_numbers_are_refused_naming_the_field(tmp_path, field, value)
 
 def test_a_tensorflow_error_hiding_the_gpus_surfaces(folder, monkeypatch):
     """TF refuses to hide GPUs it already initialised: the pipeline must say so, not carry on with TF on them."""
-    import tensorflow as tf
-
     def refuse(devices, kind):
         raise RuntimeError("Visible devices cannot be modified after being initialized")
 
@@ -244,3 +245,40 @@ def test_iterators_left_open_are_released_before_the_interpreter_exits(folder):
     assert all(it._iterator is None for it in tf_iterators)
     with pytest.raises(StopIteration):
         next(ds._stream.batches)
+
+
+def test_the_train_stream_runs_no_python_in_tf_data_threads(folder):
+    """A tf.data thread that runs Python can hang its iterator's destructor, which waits for it while holding the
+    GIL: a folder source's train stream is TF ops only, its epochs' orders reaching it through a queue."""
+    root, _ = folder
+    ds = data.build(config(root, normalization="none", augment=True), None)
+    next(ds.train(0))
+    graph = tf.compat.v1.GraphDef.FromString(
+        ds._stream.batches._iterator._dataset._as_serialized_graph().numpy())
+    ops = {node.op for node in graph.node} | {node.op for f in graph.library.function for node in f.node_def}
+    assert {"FlatMapDataset", "QueueDequeueV2", "DecodeAndCropJpeg"} <= ops  # the functions' ops are seen too
+    assert not ops & {"PyFunc", "PyFuncStateless", "EagerPyFunc", "GeneratorDataset"}
+
+
+def test_a_train_stream_collected_while_a_function_is_traced_closes_its_queue_first(folder):
+    """Destroying the stream's iterator while it waits for the next epoch's order crashes TensorFlow, so its queue is
+    closed first, eagerly even when the garbage collector runs inside a tf.function's tracing."""
+    root, _ = folder
+    ds = data.build(config(root, normalization="none"), None)
+    list(ds.train(0))  # the stream reads on into epoch 1, then waits for epoch 2's order
+    batches, orders = weakref.ref(ds._stream.batches), ds._stream.orders
+
+    @tf.function
+    def traced():
+        gc.collect()
+        return tf.constant(0)
+
+    ds.cycle = ds
+    gc.disable()  # collected in the tracing below, not earlier
+    try:
+        del ds
+        traced.get_concrete_function()  # traced, not run
+    finally:
+        gc.enable()
+    assert batches() is None
+    assert orders.is_closed()

@@ -6,7 +6,9 @@ positions [k*B, (k+1)*B) of it (the remainder is dropped). Process p of P takes 
 P processes with B / P each see the same global batches. `train(epoch, start_step)` starts at batch start_step
 without decoding anything before it: (epoch, step) is the whole iterator state a checkpoint needs. Consecutive
 epochs share one tf.data iterator (`_TrainStream`): while epoch e's last batches are taken, epoch e + 1's first ones
-are already being decoded, so a loop asking for train(e + 1) right after train(e) does not wait at the boundary.
+are already being decoded, so a loop asking for train(e + 1) right after train(e) does not wait at the boundary. The
+epochs' orders reach that iterator through a queue the main thread fills one epoch ahead, so no Python runs in
+tf.data's threads for a folder source (a worker waiting for the GIL can hang an iterator's destructor).
 
 Randomness. Augmentations (crop, flip, RandAugment) are stateless, seeded from (seed, epoch, example index): a
 resumed run and any process layout reproduce them exactly.
@@ -127,10 +129,13 @@ def eval_geometry(cfg: ml_collections.ConfigDict, prep: Any) -> tuple[float, str
 
 @dataclasses.dataclass
 class _TrainStream:
-    """A train iterator that runs on from epoch to epoch: `position` is the (epoch, step) of its next batch; `owner`
-    the token of the epoch handed out from it that is being read (None: free)."""
+    """A train iterator that runs on from epoch to epoch: `orders` feeds it (epoch, this process's example indices),
+    `queued` the last epoch fed; `position` is the (epoch, step) of its next batch; `owner` the token of the epoch
+    handed out from it that is being read (None: free)."""
 
-    batches: Iterator[dict[str, np.ndarray]]
+    batches: Releasable
+    orders: tf.queue.FIFOQueue
+    queued: int
     position: tuple[int, int]
     owner: object | None = None
 
@@ -187,29 +192,43 @@ class InputPipeline:
             raise ValueError(f"start_step {start_step} not in [0, {self.steps_per_epoch}]")
         stream = self._stream
         if stream is None or stream.owner is not None or stream.position != (epoch, start_step):
-            stream = self._stream = _TrainStream(self._train_batches(epoch, start_step), (epoch, start_step))
+            stream = self._stream = self._train_stream(epoch, start_step)
         stream.owner = token = object()
         return self._take_epoch(stream, token, epoch, start_step)
 
-    def _train_batches(self, epoch: int, start_step: int) -> Iterator[dict[str, np.ndarray]]:
-        """One tf.data iterator over this process's train batches from (epoch, start_step) on, epoch after epoch."""
-        def orders() -> Iterator[tuple[int, np.ndarray]]:
-            e, step = epoch, start_step
-            while True:
-                yield e, self.local(self.train_order(e)[step:]).reshape(-1)
-                e, step = e + 1, 0
+    def _train_stream(self, epoch: int, start_step: int) -> _TrainStream:
+        """One tf.data iterator over this process's train batches from (epoch, start_step) on, epoch after epoch as
+        their orders are queued (`_queue_through`); fed here with the rest of `epoch`."""
+        orders = tf.queue.FIFOQueue(-1, [tf.int64, tf.int64])
+        orders.enqueue([epoch, self.local(self.train_order(epoch)[start_step:]).reshape(-1)])
 
-        signature = (tf.TensorSpec((), tf.int64), tf.TensorSpec((None,), tf.int64))
-        items = tf.data.Dataset.from_generator(orders, output_signature=signature).flat_map(
+        def next_order(_: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            e, indices = orders.dequeue()
+            return tf.reshape(e, []), tf.reshape(indices, [-1])
+
+        items = tf.data.Dataset.from_tensors(0).repeat().map(next_order).flat_map(
             lambda e, indices: tf.data.Dataset.from_tensor_slices(
                 {"index": indices, "epoch": tf.fill(tf.shape(indices), e)}))
-        return self._batches("train", items, self.batch_size // self._processes)
+        def stop() -> None:  # may run in the garbage collector while a tf.function is traced: close it eagerly
+            with tf.init_scope():
+                orders.close(cancel_pending_enqueues=True)
+
+        batches = self._batches("train", items, self.batch_size // self._processes, stop=stop)
+        return _TrainStream(batches, orders, epoch, (epoch, start_step))
+
+    def _queue_through(self, stream: _TrainStream, epoch: int) -> None:
+        """Queues the orders of the epochs after `stream.queued` up to `epoch` (whole epochs, this process's part)."""
+        while stream.queued < epoch:
+            stream.queued += 1
+            stream.orders.enqueue([stream.queued, self.local(self.train_order(stream.queued)).reshape(-1)])
 
     def _take_epoch(self, stream: _TrainStream, token: object, epoch: int,
                     start_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches start_step.. of `epoch` from `stream` (held with `token`), which stays at the next position for
-        the next epoch."""
+        the next epoch. The next epoch's order is queued as this one starts, so its first batches are decoded
+        while this one's last are taken."""
         try:
+            self._queue_through(stream, epoch + 1)
             for step in range(start_step, self.steps_per_epoch):
                 batch = self._next("train", stream.batches,
                                    lambda step=step: self.local(self.train_order(epoch))[step])
@@ -294,13 +313,13 @@ class InputPipeline:
         return out
 
     def _batches(self, split: str, items: tf.data.Dataset, batch: int, normalized: bool = True,
-                 views: Views | None = None) -> Iterator[dict[str, np.ndarray]]:
+                 views: Views | None = None, stop: Callable[[], None] | None = None) -> Releasable:
         """Examples `items` ({"index", and "epoch" for the train transform or "mask"}) decoded in parallel, in
-        order, batched and prefetched: a numpy iterator."""
+        order, batched and prefetched: a numpy iterator (`stop`: see `Releasable`)."""
         ds = items.map(functools.partial(self._example, split, normalized, views),
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return Releasable(ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).with_options(
-            self._options).as_numpy_iterator())
+            self._options).as_numpy_iterator(), stop)
 
     def _iterate(self, split: str, local: np.ndarray, mask: np.ndarray | None, *, normalized: bool,
                  views: Views | None = None) -> Iterator[dict[str, np.ndarray]]:
