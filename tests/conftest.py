@@ -1,6 +1,7 @@
 """Test-wide settings: Keras on the JAX backend, exact float32 matmuls for parity checks, quiet TensorFlow, no
-triton."""
+triton; a process that does not exit after the session fails with every thread's stack."""
 
+import faulthandler
 import os
 import sys
 
@@ -17,6 +18,15 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 import pytest  # noqa: E402
+
+EXIT_GRACE_SECONDS = 300
+
+
+def pytest_unconfigure(config):
+    """Arms a watchdog as the session ends: if the process has not exited EXIT_GRACE_SECONDS later (a tf.data
+    iterator's destructor waiting for a thread that waits for the GIL), it prints every thread's stack and exits
+    with status 1, so CI fails with a trace instead of stalling."""
+    faulthandler.dump_traceback_later(EXIT_GRACE_SECONDS, exit=True)
 
 
 @pytest.fixture(scope="session")
