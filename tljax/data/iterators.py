@@ -49,7 +49,8 @@ class Releasable:
         self._iterator = None
 
     def __del__(self) -> None:
-        self.release()
+        if self._iterator is not None:  # not yet released (the exit hook releases before modules are torn down)
+            self.release()
 
 
 @atexit.register

@@ -209,6 +209,7 @@ class InputPipeline:
         items = tf.data.Dataset.from_tensors(0).repeat().map(next_order).flat_map(
             lambda e, indices: tf.data.Dataset.from_tensor_slices(
                 {"index": indices, "epoch": tf.fill(tf.shape(indices), e)}))
+
         def stop() -> None:  # may run in the garbage collector while a tf.function is traced: close it eagerly
             with tf.init_scope():
                 orders.close(cancel_pending_enqueues=True)
