@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from tests.test_data_pipeline import assert_without_autotuning, iterated_options  # noqa: F401 (fixture)
 from tljax import data
 from tljax.data import pipeline, records, sources
 
@@ -113,6 +114,14 @@ def test_first_batch_reads_only_its_share_and_equals_in_memory_batches(small, re
         for key in expected:
             np.testing.assert_array_equal(got[key], expected[key])
     assert ds.records["test"].labels.tolist() == reference.records["test"].labels.tolist()
+
+
+def test_the_label_pass_runs_without_tf_data_autotuning(small, iterated_options):
+    """(See tests/test_data_pipeline.py: releasing an autotuned iterator can take a minute.)"""
+    ds = data.build(config(small), None)
+    assert len(ds.records["test"].labels) == ds.sizes["test"]
+    assert len(iterated_options) == 1  # the labels of the test split: train's are not read for a batch
+    assert_without_autotuning(iterated_options)
 
 
 def test_resume_from_epoch_and_step_reads_nothing_before_it(small, reads):

@@ -247,6 +247,37 @@ def test_iterators_left_open_are_released_before_the_interpreter_exits(folder):
         next(ds._stream.batches)
 
 
+@pytest.fixture
+def iterated_options(monkeypatch):
+    """The tf.data options of every dataset iterated from now on, in order."""
+    seen = []
+    iterate = tf.data.Dataset.as_numpy_iterator
+
+    def recording(self):
+        seen.append(self.options())
+        return iterate(self)
+
+    monkeypatch.setattr(tf.data.Dataset, "as_numpy_iterator", recording)
+    return seen
+
+
+def assert_without_autotuning(seen):
+    assert seen
+    for opts in seen:
+        assert not opts.autotune.enabled
+        assert opts.deterministic and opts.threading.max_intra_op_parallelism == 1
+
+
+def test_every_pass_over_a_folder_runs_without_tf_data_autotuning(folder, iterated_options):
+    """Destroying an iterator joins tf.data autotuning's model thread, which TensorFlow does not wake: releasing an
+    iterator took up to a minute. skip_corrupt's pass, the statistics pass, train and eval all run without it."""
+    ds = data.build(config(folder[0], normalization="standardize_train", skip_corrupt=True, threads=1), None)
+    next(ds.train(0)), next(ds.eval("val"))
+    assert len(iterated_options) == len(ds.sizes) + 3  # a decode check per split, statistics, train, eval
+    assert_without_autotuning(iterated_options)
+    assert iterated_options[-1].threading.private_threadpool_size == 1
+
+
 def test_the_train_stream_runs_no_python_in_tf_data_threads(folder):
     """A tf.data thread that runs Python can hang its iterator's destructor, which waits for it while holding the
     GIL: a folder source's train stream is TF ops only, its epochs' orders reaching it through a queue."""

@@ -20,9 +20,10 @@ Decoding. JPEGs are decoded only around the random-resized crop's window, with t
 (`transforms.decode_window`); the eval transform lets the decoder downscale in the DCT when
 `config.data.jpeg_dct_scaling` is on (`transforms.decode_center_crop`).
 
-Threads. TF is kept off GPUs. tf.data decodes elements in parallel (AUTOTUNE) on its own thread pool,
+Threads. TF is kept off GPUs. tf.data decodes elements in parallel, one per thread of its own pool,
 `config.data.threads` threads (0: one per core); each op runs single-threaded (`max_intra_op_parallelism = 1`)
-so a large resize cannot take every core from the JAX step running beside it.
+so a large resize cannot take every core from the JAX step running beside it; autotuning is off
+(`iterators.options`: with it on, releasing an iterator waited up to a minute).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import tensorflow as tf
 from absl import logging
 
 from tljax.data import normalize, randaugment, sources, transforms
+from tljax.data import iterators
 from tljax.data.iterators import Releasable
 from tljax.data.options import ConfigError, check_config, check_layout
 from tljax.data.sources import Records, SourceError
@@ -86,7 +88,7 @@ def _readable(records: Records) -> np.ndarray:
     read = _reader(records)
     ds = tf.data.Dataset.range(len(records)).map(
         lambda i: (i, tf.shape(transforms.decode(read(i)[0]))[0]), num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=False).ignore_errors()
+        deterministic=False).ignore_errors().with_options(iterators.options())
     ok = np.zeros(len(records), bool)
     for i, _ in ds.as_numpy_iterator():
         ok[i] = True
@@ -170,11 +172,7 @@ class InputPipeline:
         self._readers = {split: _reader(r) for split, r in source.splits.items()}
         self._normalize = lambda x: x
         self._stream: _TrainStream | None = None
-        self._options = tf.data.Options()
-        self._options.deterministic = True
-        self._options.threading.max_intra_op_parallelism = 1
-        if cfg.threads:
-            self._options.threading.private_threadpool_size = cfg.threads
+        self._options = iterators.options(cfg.threads)
 
     def use_normalization(self, strategy: str, prep: Any, stats: normalize.Stats | None) -> None:
         """Sets the normalization every later batch gets (stats: scoped training statistics or None)."""

@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tljax.data import iterators
+
 ARRAY_RECORD, TFRECORD = "array_record", "tfrecord"
 FORMATS = (ARRAY_RECORD, TFRECORD)
 _HEADER = 12  # TFRecord: uint64 length + uint32 masked CRC of the length; the data is followed by a uint32 CRC
@@ -149,7 +151,7 @@ class TfdsExamples:
     def labels(self, positions: np.ndarray) -> np.ndarray:
         """int32 labels of examples `positions`: reads each of them (a pass over those records, in parallel)."""
         ds = tf.data.Dataset.from_tensor_slices(np.asarray(positions, np.int64)).map(
-            lambda p: self.read(p)[1], num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            lambda p: self.read(p)[1], num_parallel_calls=tf.data.AUTOTUNE).with_options(iterators.options())
         return np.fromiter(ds.as_numpy_iterator(), np.int32, count=len(positions))
 
     def names(self, positions: np.ndarray) -> np.ndarray:
