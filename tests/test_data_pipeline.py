@@ -5,6 +5,7 @@ import gc
 import logging
 import os
 import struct
+import time
 import weakref
 
 import numpy as np
@@ -301,7 +302,13 @@ def test_a_train_stream_collected_while_a_function_is_traced_closes_its_queue_fi
 
     @tf.function
     def traced():
-        gc.collect()
+        # gc.collect() returns at once, collecting nothing, while a collection runs in another thread (one that an
+        # earlier test's background thread started may still be running): retry until the stream is collected.
+        for _ in range(200):
+            gc.collect()
+            if batches() is None:
+                break
+            time.sleep(0.05)
         return tf.constant(0)
 
     ds.cycle = ds
