@@ -39,8 +39,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tljax.data import normalize, randaugment, sources, transforms
-from tljax.data import iterators
+from tljax.data import iterators, normalize, randaugment, sources, transforms
 from tljax.data.iterators import Releasable
 from tljax.data.options import ConfigError, check_config, check_layout
 from tljax.data.sources import Records, SourceError
