@@ -22,6 +22,11 @@ float32; PyTorch comes with the `parity` extra. Only ratios from one run compare
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import argparse
 import collections
 import json

@@ -11,6 +11,11 @@ to K = 1.
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import argparse
 import functools
 import statistics

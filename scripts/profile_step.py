@@ -25,6 +25,11 @@ wall time; the report gives both. Only relative figures from one run mean anythi
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import argparse
 import collections
 import glob

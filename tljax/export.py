@@ -9,6 +9,11 @@ Nothing in the workdir is written; an existing output is replaced only with --ov
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import dataclasses
 import os
 

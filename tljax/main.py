@@ -7,6 +7,11 @@ command with the same workdir resumes from the newest checkpoint. Exit status: 0
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import json
 import sys
 

@@ -16,6 +16,11 @@ command before anything is loaded.
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import csv
 import dataclasses
 import os

@@ -12,6 +12,11 @@ computed.
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 from absl import app, flags
 
 from tljax import cli

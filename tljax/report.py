@@ -11,6 +11,11 @@ archived and opens in any browser offline. Only the HTML file is written.
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import html
 import json
 import os

@@ -13,6 +13,11 @@ SIGTERM stopped it after saving (rerun to resume).
 
 from __future__ import annotations
 
+from tljax import allocator
+
+if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_PRELOAD counts only at start
+    allocator.relaunch()
+
 import os
 import sys
 
