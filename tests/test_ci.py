@@ -1,6 +1,6 @@
-""".ci/run and Chromium: where CI runs as root with apt it must get a browser or stop, and a browser it has must make
-the report's browser test run (not skip). Run against stand-ins for id, apt-get, python3, pip and python, so that
-nothing is installed and no test suite runs."""
+""".ci/run, Chromium and tcmalloc: where CI runs as root with apt it must get both or stop, and a browser it has must
+make the report's browser test run (not skip). Run against stand-ins for id, apt-get, ldconfig, python3, pip and
+python, so that nothing is installed and no test suite runs."""
 
 from __future__ import annotations
 
@@ -15,13 +15,19 @@ CI = Path(__file__).resolve().parents[1] / ".ci" / "run"
 
 STUBS = {
     "id": "print(os.environ['FAKE_UID'])",
-    # `apt-get install` "installs" chromium when FAKE_APT=ok, and fails otherwise (no network, no such package).
+    # `apt-get install` "installs" chromium and tcmalloc when FAKE_APT=ok, and fails otherwise (no network, no such
+    # package).
     "apt-get": """if os.environ['FAKE_APT'] != 'ok':
     sys.exit(100)
 if 'install' in sys.argv:
     chromium = Path(os.environ['STUBS']) / 'chromium'
     chromium.write_text('#!/bin/sh\\n')
-    chromium.chmod(0o755)""",
+    chromium.chmod(0o755)
+    if 'libtcmalloc-minimal4' in sys.argv:
+        (Path(os.environ['STUBS']) / 'tcmalloc-installed').touch()""",
+    # `ldconfig -p` lists tcmalloc once it is "installed".
+    "ldconfig": """if (Path(os.environ['STUBS']) / 'tcmalloc-installed').exists():
+    print('\\tlibtcmalloc_minimal.so.4 (libc6,x86-64) => /usr/lib/libtcmalloc_minimal.so.4')""",
     "python3": "(Path(sys.argv[3]) / 'bin').mkdir(parents=True); (Path(sys.argv[3]) / 'bin' / 'activate').touch()",
     "pip": "",
     # `python -m pytest`: records whether the browser test would be required.
@@ -48,10 +54,10 @@ def _run_ci(tmp_path: Path, uid: int, apt: str | None) -> tuple[subprocess.Compl
     return result, record.read_text() if record.exists() else None
 
 
-def test_ci_stops_when_it_cannot_install_chromium_as_root_with_apt(tmp_path):
+def test_ci_stops_when_it_cannot_install_chromium_and_tcmalloc_as_root_with_apt(tmp_path):
     result, record = _run_ci(tmp_path, uid=0, apt="fails")
     assert result.returncode != 0
-    assert "could not install Chromium" in result.stderr
+    assert "could not install chromium libtcmalloc-minimal4" in result.stderr
     assert record is None  # the tests never started
 
 
@@ -59,6 +65,7 @@ def test_ci_requires_the_browser_test_once_chromium_is_installed(tmp_path):
     result, record = _run_ci(tmp_path, uid=0, apt="ok")
     assert result.returncode == 0, result.stderr
     assert record == "1"
+    assert (tmp_path / "stubs" / "tcmalloc-installed").exists()
 
 
 @pytest.mark.parametrize("uid, apt", [(1000, "ok"), (0, None)], ids=["not-root", "no-apt"])
