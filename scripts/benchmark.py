@@ -44,6 +44,7 @@ import torch_bench  # noqa: E402  (scripts/torch_bench.py, beside this script; i
 
 from tljax import config as config_lib  # noqa: E402
 from tljax import data, models  # noqa: E402
+from tljax.models import conv  # noqa: E402
 from tljax.pretrained.prep import TORCHVISION  # noqa: E402
 from tljax.training import mixing, optim, parallel, steps  # noqa: E402
 
@@ -80,7 +81,8 @@ def _random_variables(model: Any, size: int) -> dict:
 def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool = False,
                 xla_options: dict[str, str] | None = None) -> dict[str, tuple[Callable, Any]]:
     """Each phase as (step function, initial carry); calling step(carry) returns the next carry. With `techniques`,
-    also "phase2_techniques": phase 2 with `TECHNIQUES` and mixup on; every step compiled with `xla_options`."""
+    also "phase2_techniques": phase 2 with `TECHNIQUES` and mixup on; every step compiled with tljax's XLA options
+    (`conv.compiler_options`) and `xla_options` over them."""
     model = models.create(name, CLASSES, dtype=dtype)
     variables = jax.device_put(_random_variables(model, size))
     rng = np.random.default_rng(1)
@@ -92,7 +94,7 @@ def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool =
     micro = parallel.micro_batches(batch)
     out = {}
     evaluate = jax.jit(functools.partial(steps.eval_step, model=model, micro_batches=micro),
-                       compiler_options=xla_options)
+                       compiler_options=_options(xla_options))
     eval_batch = {"image": images, "label": labels, "mask": np.ones(batch, np.float32)}
     out["eval"] = (lambda carry: evaluate(variables, eval_batch), None)
     phases = [("phase1", "^head/", False, False), ("phase1_cached", "^head/", True, False),
@@ -103,6 +105,11 @@ def tljax_steps(name: str, size: int, batch: int, dtype: str, techniques: bool =
         batch_ = batches["features" if on_features else "image"]
         out[phase] = (lambda carry, fn=fn, b=batch_: fn(carry, b)[0], state)
     return out
+
+
+def _options(extra: dict[str, str] | None) -> dict[str, str]:
+    """tljax's XLA options on this backend, with `extra` (--xla-option) over them."""
+    return {**conv.compiler_options(), **(extra or {})}
 
 
 def _phase_step(model: Any, variables: dict, trainable: str, techniques: bool = False, on_features: bool = False,
@@ -117,7 +124,7 @@ def _phase_step(model: Any, variables: dict, trainable: str, techniques: bool = 
                                    on_features=on_features, micro_batches=micro_batches,
                                    ema=steps.phase_ema(cfg, 0), label_smoothing=cfg.label_smoothing,
                                    mixing=mixing.Settings(mixup_alpha=MIXUP_ALPHA) if techniques else None),
-                 donate_argnums=(0,) if donate else (), compiler_options=xla_options)
+                 donate_argnums=(0,) if donate else (), compiler_options=_options(xla_options))
     state = steps.create_state(jax.tree.map(np.copy, variables), tx, jax.random.PRNGKey(0), ema=cfg.ema_decay > 0)
     return fn, state
 
@@ -276,8 +283,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="steps per measurement (x20 for the fast phases)")
     parser.add_argument("--xla-option", type=_xla_option, action="append", default=[],
-                        help="KEY=VALUE, repeatable: also time tljax compiled with these XLA options (system "
-                             "tljax_xla, ratios *_xla_vs_tljax), e.g. xla_cpu_scheduler_type="
+                        help="KEY=VALUE, repeatable: also time tljax compiled with these XLA options over its own "
+                             "(system tljax_xla, ratios *_xla_vs_tljax), e.g. xla_cpu_scheduler_type="
                              "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--techniques", action="store_true",

@@ -9,7 +9,7 @@ convolutions and dense layers, `conv.matmul`; the attention's batched products a
 For each shape it times, alone and compiled, the forward pass, the input gradient and the kernel gradient:
 
 * XLA: the traced operation, its input and kernel gradients each compiled on its own from `jax.vjp` (the forward
-  pass is not part of them);
+  pass is not part of them), with tljax's XLA options (`conv.compiler_options`);
 * PyTorch, with `torch.set_num_threads` = the cores of the process's affinity mask: a convolution as
   `aten.convolution` and `aten.convolution_backward` (one output each) in channels_last, the layout in which
   oneDNN is fastest on this CPU; a product as `torch.mm`.
@@ -29,6 +29,7 @@ if __name__ == "__main__":  # first, before NumPy, TensorFlow and JAX load: LD_P
 
 import argparse
 import collections
+import functools
 import json
 import statistics
 import time
@@ -41,6 +42,7 @@ import torch_bench  # scripts/torch_bench.py, beside this script
 from benchmark import CLASSES, _random_variables
 
 from tljax import models
+from tljax.models import conv
 from tljax.models.conv import matmul
 
 DIRECTIONS = ("fwd", "dx", "dw")
@@ -88,9 +90,10 @@ def _out_shape(x, w, stride, pad) -> tuple[int, int, int, int]:
 
 def _vjps(forward: Callable, x: jax.Array, w: jax.Array, dy: jax.Array) -> dict[str, tuple[Callable, tuple]]:
     """{direction: (compiled function, its arguments)}; each gradient alone, without the forward pass."""
-    return {"fwd": (jax.jit(forward), (x, w)),
-            "dx": (jax.jit(lambda dy: jax.vjp(lambda x: forward(x, w), x)[1](dy)[0]), (dy,)),
-            "dw": (jax.jit(lambda dy: jax.vjp(lambda w: forward(x, w), w)[1](dy)[0]), (dy,))}
+    jit = functools.partial(jax.jit, compiler_options=conv.compiler_options())
+    return {"fwd": (jit(forward), (x, w)),
+            "dx": (jit(lambda dy: jax.vjp(lambda x: forward(x, w), x)[1](dy)[0]), (dy,)),
+            "dw": (jit(lambda dy: jax.vjp(lambda w: forward(x, w), w)[1](dy)[0]), (dy,))}
 
 
 def xla_ops(op: tuple) -> dict[str, tuple[Callable, tuple]]:

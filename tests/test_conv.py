@@ -107,3 +107,42 @@ def test_max_pool_gradient_goes_to_the_first_maximum_of_a_window_as_pytorch_does
     assert (np.sum([t == top for t in taps], axis=0) > 1).mean() > 0.5
     np.testing.assert_allclose(ours, jax.grad(lambda y: jnp.sum(jax.lax.reduce_window(
         y, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), ((0, 0), (1, 1), (1, 1), (0, 0))) * g))(x), atol=1e-6)
+
+
+def _entry(hlo: str) -> str:
+    """The ENTRY computation of a compiled module's text: the operations XLA's CPU runtime calls itself."""
+    return hlo[hlo.index("\nENTRY"):]
+
+
+def test_steps_compile_their_convolutions_for_eigen_and_their_products_for_ynnpack_on_cpu():
+    """`conv.compiler_options` (which `parallel.Jit` compiles with) takes the k x k convolutions from YNNPACK, where
+    XLA's defaults put them in a YNNPACK fusion, and leaves them to Eigen, a convolution of the entry computation;
+    the products stay YNNPACK fusions and the numbers agree."""
+    from tljax.training import parallel
+
+    assert conv.compiler_options(), "this jaxlib should accept the option"
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(4, 12, 12, 32)), jnp.float32)  # > 16 channels: YNNPACK takes it by default
+    w = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
+    d = jnp.asarray(rng.normal(size=(32, 32)), jnp.float32)
+
+    def step(x, w, d):
+        kernel_grad = jax.grad(lambda w: jnp.sum(jnp.sin(conv.conv2d(x, w, 1, 1))))(w)
+        return kernel_grad, conv.matmul(x, d)
+
+    default, ours = jax.jit(step), parallel.Jit().compile(step, donate=False)
+    default_hlo, our_hlo = (_entry(f.lower(x, w, d).compile().as_text()) for f in (default, ours))
+    assert " convolution(" not in default_hlo and "__ynn_fusion" in default_hlo
+    assert our_hlo.count(" convolution(") == 2  # forward and kernel gradient
+    assert "__ynn_fusion" in our_hlo  # the product
+    for a, b in zip(ours(x, w, d), default(x, w, d)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+
+
+def test_compiler_options_are_none_where_this_jaxlib_lacks_them(monkeypatch):
+    monkeypatch.setattr(conv, "_CPU_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NONE"})
+    conv.compiler_options.cache_clear()
+    try:
+        assert conv.compiler_options() == {}
+    finally:
+        conv.compiler_options.cache_clear()

@@ -32,6 +32,7 @@ from absl import logging
 
 from tljax import data, models, pretrained
 from tljax.data.pipeline import SPLITS
+from tljax.models import conv
 from tljax.pretrained import hub
 from tljax.reporting import plots
 from tljax.research import fewshot
@@ -193,7 +194,8 @@ def features(prepared: Prepared, seed: int = 0) -> fewshot.Features:
     model, variables = prepared.build(seed)
     pipe = prepared.pipe
     extract = jax.jit(functools.partial(steps.backbone_features, model,
-                                        micro_batches=parallel.micro_batches(pipe.eval_batch_size)))
+                                        micro_batches=parallel.micro_batches(pipe.eval_batch_size)),
+                      compiler_options=conv.compiler_options())
     out = {}
     for split in SPLITS:
         xs, labels = [], []

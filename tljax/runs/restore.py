@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tljax import models
+from tljax.models import conv
 from tljax.data import normalize, pipeline
 from tljax.pretrained.prep import Preprocessing
 from tljax.runs import tta
@@ -81,7 +82,8 @@ class TrainedRun:
     def logits_fn(self, batch_size: int) -> Callable[[np.ndarray], np.ndarray]:
         """A compiled function: normalised images [batch_size, S, S, 3] -> logits [batch_size, classes] (numpy)."""
         fn = jax.jit(functools.partial(steps.predict_logits, model=self.model,
-                                       micro_batches=parallel.micro_batches(batch_size)))
+                                       micro_batches=parallel.micro_batches(batch_size)),
+                     compiler_options=conv.compiler_options())
         variables = jax.device_put(self.variables)
         return lambda images: np.asarray(fn(variables, images))
 

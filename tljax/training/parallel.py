@@ -23,6 +23,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tljax.models import conv
+
 PyTree = Any
 AXIS = "batch"
 MODES = ("pmap", "jit")
@@ -52,6 +54,7 @@ class Pmap:
                               self.stacked)
 
     def compile(self, fn: Callable, donate: bool) -> Callable:
+        """`jax.pmap`, which takes no XLA options: on CPU its convolutions stay in XLA's default library."""
         return jax.pmap(functools.partial(fn, axis_name=AXIS), axis_name=AXIS, donate_argnums=(0,) if donate else ())
 
     def get_metrics(self, tree: PyTree) -> PyTree:
@@ -84,7 +87,8 @@ class Jit:
         return {k: jax.make_array_from_process_local_data(self.sharded, v) for k, v in batch.items()}
 
     def compile(self, fn: Callable, donate: bool) -> Callable:
-        return jax.jit(fn, out_shardings=self.replicated, donate_argnums=(0,) if donate else ())
+        return jax.jit(fn, out_shardings=self.replicated, donate_argnums=(0,) if donate else (),
+                       compiler_options=conv.compiler_options())
 
     def get_metrics(self, tree: PyTree) -> PyTree:
         return jax.tree.map(np.asarray, jax.device_get(tree))
