@@ -23,7 +23,8 @@ Shares are of the summed operation time. Operations run on several threads at on
 wall time; the report gives both. The step compiles with tljax's XLA options (`conv.compiler_options`), which on CPU
 give the k x k convolutions to Eigen: Eigen's convolutions run on its own threads after the traced event, which
 covers only their launch, so the two convolution classes count almost nothing there; the other classes stay exact.
-XLA's default (YNNPACK's convolutions, whose events cover their work) is what README's breakdown was measured with. Only relative figures from one run mean anything on a shared machine.
+XLA's default (YNNPACK's convolutions, whose events cover their work) is what README's breakdown was measured with.
+Only relative figures from one run mean anything on a shared machine.
 """
 
 from __future__ import annotations
