@@ -20,8 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 from tljax import models
-from tljax.models import conv
 from tljax.data import normalize, pipeline
+from tljax.models import conv
 from tljax.pretrained.prep import Preprocessing
 from tljax.runs import tta
 from tljax.training import checkpoint, parallel, steps
