@@ -9,7 +9,9 @@ phase-2 step with the fine-tuning techniques on (`TECHNIQUES`: EMA of the weight
 mixup), whose cost phase2_techniques_vs_phase2 gives (the median of the rounds' ratios) beside the ratio of XLA's
 FLOP counts; with `--compare keras`, the same phases in Keras (`base.trainable = False` / `True`, `train_on_batch`,
 `predict_on_batch`); with `--compare torch`, in PyTorch, eager ("torch") and under torch.compile ("torch_compile"),
-on torchvision's model (`scripts/torch_bench.py`; `--compare keras,torch` for both). Rounds interleave every
+on torchvision's model (`scripts/torch_bench.py`; `--compare keras,torch` for both), and the share of their
+operation time spent in convolutions (torch.profiler, after the rounds), whose inverse bounds the ratio to them of
+any program whose convolution kernels are no faster than PyTorch's. Rounds interleave every
 measurement of a model, in turn forwards and backwards (A B, B A, ...; the pipeline is timed after them, as its
 threads keep working after its timed batches), the first call of each (compilation) is timed
 separately and excluded, and each figure is the median of the rounds with its min-max. The eval and phase-2 rates
@@ -339,6 +341,9 @@ def main() -> None:
     setup = {**vars(args), "devices": str(jax.devices()), "flops_per_image": flops, "limit_gflops": limit}
     if "torch" in args.compare:
         setup["torch_threads"] = torch_bench.threads()
+        for system in torch_bench.SYSTEMS:
+            setup[f"{system}_convolution_share"] = torch_bench.convolution_share(
+                args.model, args.image_size, args.batch_size, CLASSES, compiled=system == "torch_compile")
     report = {"setup": setup, **results, "ratios": ratios}
 
     print(f"\n{args.model} {args.image_size}px batch {args.batch_size} {args.dtype} (images/s, median [min-max]); "
@@ -351,6 +356,10 @@ def main() -> None:
                   f"  compile {v['compile_s']:5.1f} s{share}")
     for name, value in ratios.items():
         print(f"  {name:34s} {value:8.3f}x")
+    for system in torch_bench.SYSTEMS:
+        for phase, share in setup.get(f"{system}_convolution_share", {}).items():
+            print(f"  {system:13s} {phase:6s} {100 * share:5.1f}% of its operation time in convolutions: with kernels "
+                  f"no faster, at most {1 / share:.3f}x {system}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

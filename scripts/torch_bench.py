@@ -103,6 +103,31 @@ def steps(name: str, size: int, batch: int, classes: int, compiled: bool) -> dic
     return out
 
 
+def convolution_share(name: str, size: int, batch: int, classes: int, compiled: bool,
+                      calls: int = 3) -> dict[str, float]:
+    """{"eval", "phase1", "phase2"} -> the share of PyTorch's operation time (eager, or under torch.compile) spent
+    in its convolutions (oneDNN's kernels, forward and both gradients), from torch.profiler's self CPU times over
+    `calls` steps after three warm-up steps (the first compiles).
+
+    Its inverse bounds any program whose convolution kernels are no faster than these: with everything else free,
+    it would still take the convolutions' time, so it could not be faster than this PyTorch by more than 1 / share.
+    """
+    phases = steps(name, size, batch, classes, compiled)
+    from torch.profiler import ProfilerActivity, profile
+
+    shares = {}
+    for phase, (step, carry) in phases.items():
+        for _ in range(3):
+            step(carry)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                step(carry)
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        shares[phase] = sum(e.self_cpu_time_total for e in events if "conv" in e.key.lower()) / total
+    return shares
+
+
 def _train_step(torch, model: Any, optimizer: Any, optimizer_step: Callable, images: Any, labels: Any) -> Callable:
     def step(carry):
         optimizer.zero_grad(set_to_none=True)
