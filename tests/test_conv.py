@@ -13,6 +13,9 @@ CASES = [  # (size, channels in, kernel, stride, padding, groups == channels: de
     (8, 6, 1, 1, 0, False), (9, 6, 1, 2, 0, False), (8, 6, 1, 2, "SAME", False),
     (8, 5, 3, 1, 1, True), (9, 5, 3, 2, "SAME", True), (8, 5, 3, 2, "SAME", True), (10, 4, 5, 1, 2, True),
     (7, 4, 3, 2, 1, True), (8, 4, 5, 2, "SAME", True), (11, 3, 5, 2, ((1, 3), (2, 2)), True),
+    # outputs of at most conv.SMALL_OUTPUT pixels: the product of the receptive fields
+    (2, 6, 3, 1, 1, False), (1, 6, 3, 1, 1, False), (4, 6, 3, 2, 1, False), (3, 6, 3, 2, "SAME", False),
+    (3, 4, 7, 2, 3, False), (2, 5, 3, 1, ((0, 1), (1, 0)), False),
 ]
 
 
@@ -37,6 +40,15 @@ def test_fast_forms_match_xla(monkeypatch, size, cin, k, stride, padding, depthw
     np.testing.assert_allclose(fast, native, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, native_grads):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, stride, patches", [(2, 1, True), (1, 1, True), (4, 2, True), (3, 1, False),
+                                                  (5, 2, False)])
+def test_small_outputs_are_one_product_of_receptive_fields(monkeypatch, size, stride, patches):
+    monkeypatch.setenv("TLJAX_CONV", "fast")  # the forms "auto" takes on CPU
+    x, w = jnp.zeros((2, size, size, 4)), jnp.zeros((3, 3, 4, 8))
+    forms = {e.primitive.name for e in jax.make_jaxpr(lambda x, w: conv.conv2d(x, w, stride, 1))(x, w).eqns}
+    assert ("conv_general_dilated" not in forms and "dot_general" in forms) == patches
 
 
 def test_depthwise_in_bfloat16_accumulates_in_float32(monkeypatch):
