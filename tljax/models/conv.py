@@ -1,6 +1,6 @@
 """The one convolution function of tljax, computing each kind of convolution in its fastest form.
 
-XLA's CPU convolution kernels are slow for two shapes that dominate transfer-learning backbones, although the
+XLA's CPU convolution kernels are slow for three kinds of convolution in transfer-learning backbones, although the
 numbers they produce are easy to get another way (identical up to float rounding):
   * a 1x1 convolution is a matrix product (`matmul`): ~5x faster forward and backward on CPU than XLA's convolution
     (about half of a bottleneck ResNet's FLOPs are 1x1 convolutions); this form is used on every backend;
