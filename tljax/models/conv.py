@@ -24,6 +24,7 @@ tljax step on CPU is compiled with it (ResNet-50's fine-tuning step 1.18x, forwa
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import Sequence
 
@@ -99,15 +100,14 @@ def patches(x: jax.Array, kernel: jax.Array, strides: int, pads) -> jax.Array:
     strided slices of the padded input, side by side) times the kernel as [kh*kw*C, O]."""
     kh, kw, c, o = kernel.shape
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    oh, ow = (xp.shape[1] - kh) // strides + 1, (xp.shape[2] - kw) // strides + 1
+    oh, ow = _output_size(x.shape[1:3], (kh, kw), strides, pads)
     fields = jnp.concatenate([tap for _, _, tap in _taps(xp, kh, kw, oh, ow, strides)], axis=-1)
     return matmul(fields, kernel.reshape(kh * kw * c, o))
 
 
-def _output_pixels(spatial: Sequence[int], kernel: Sequence[int], strides: int, pads) -> int:
-    (top, bottom), (left, right) = pads
-    return (((spatial[0] + top + bottom - kernel[0]) // strides + 1)
-            * ((spatial[1] + left + right - kernel[1]) // strides + 1))
+def _output_size(spatial: Sequence[int], kernel: Sequence[int], strides: int, pads) -> tuple[int, int]:
+    """(height, width) of a convolution's output."""
+    return tuple((n + before + after - k) // strides + 1 for n, k, (before, after) in zip(spatial, kernel, pads))
 
 
 def matmul(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike = None) -> jax.Array:
@@ -129,10 +129,9 @@ def depthwise(x: jax.Array, kernel: jax.Array, strides: int, pads) -> jax.Array:
 
 
 def _depthwise_forward(x, kernel, strides, pads):
-    kh, kw = kernel.shape[:2]
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
-    oh, ow = (xp.shape[1] - kh) // strides + 1, (xp.shape[2] - kw) // strides + 1
-    return _shifted_sum(xp, kernel, strides, (oh, ow)).astype(x.dtype), (x, kernel)
+    out_shape = _output_size(x.shape[1:3], kernel.shape[:2], strides, pads)
+    return _shifted_sum(xp, kernel, strides, out_shape).astype(x.dtype), (x, kernel)
 
 
 def _depthwise_backward(strides, pads, residuals, g):
@@ -177,7 +176,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, strides: int = 1, padding: Padding =
     fast = mode == "fast" or (mode == "auto" and jax.default_backend() == "cpu")
     if is_depthwise and fast:
         return depthwise(x, kernel, strides, pads)
-    if fast and groups == 1 and _output_pixels(x.shape[1:3], (kh, kw), strides, pads) <= SMALL_OUTPUT:
+    if fast and groups == 1 and math.prod(_output_size(x.shape[1:3], (kh, kw), strides, pads)) <= SMALL_OUTPUT:
         return patches(x, kernel, strides, pads)
     return jax.lax.conv_general_dilated(
         x, kernel, window_strides=(strides, strides), padding=pads,
